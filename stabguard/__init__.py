@@ -1,0 +1,33 @@
+"""stabguard: guards that check and act, for stable fine-tuning on the Hugging Face Trainer.
+
+The public API for plugins and scripts. Heavy modules (torch, transformers) load on first use.
+"""
+
+from __future__ import annotations
+
+from stabguard.events import Alert, EventLog
+from stabguard.hookspecs import hookimpl
+from stabguard.options import GuardOptions
+from stabguard.verdict import Action, GuardError, Verdict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "StepState",
+    "Verdict", "hookimpl", "load_recipe", "run",
+]
+
+_LAZY = {
+    "GuardTrainer": "stabguard.trainer",
+    "StepState": "stabguard.trainer",
+    "load_recipe": "stabguard.recipe",
+    "run": "stabguard.runner",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'stabguard' has no attribute {name!r}")

@@ -1,0 +1,211 @@
+"""Every hook stabguard fires, grouped by when it fires.
+
+Implementations take any subset of a hook's parameters, by name; hooks are always called with keyword
+arguments, so new parameters can be added without breaking existing plugins. Every hook also receives
+``events`` (the run's :class:`~stabguard.events.EventLog`) for recording decisions and alerts.
+
+The order inside one optimizer step::
+
+    pre_collate -> collate -> post_collate            (per micro-batch, in the data loader)
+    forward/backward x gradient accumulation
+    post_backward(state)    one shared pass over the gradients has filled state.grad_norm
+    pre_step(state)         verdicts: STOP > SKIP > PROCEED, agreed across ranks
+    on_log(logs, state)     on logging steps only
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("stabguard")
+hookimpl = pluggy.HookimplMarker("stabguard")
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery and set-up (once per run, before any model is loaded)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_guards(register):
+    """Declare the guards this plugin provides.
+
+    Fires once when the plugin manager is built, before the recipe's ``[guards.*]`` tables are checked.
+
+    :param register: call ``register(name, options, factory)``: ``name`` is the recipe table name
+        (``[guards.<name>]``), ``options`` a pydantic model class of the guard's options (unknown keys
+        are rejected), ``factory(options) -> object`` builds the guard object whose ``@hookimpl``
+        methods are registered while the guard is enabled.
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec
+def configure(recipe, events):
+    """The recipe is validated and the enabled guards are registered; nothing is loaded yet.
+
+    :param recipe: the validated :class:`~stabguard.recipe.Recipe`.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec
+def setup_model(model, processor, recipe, events):
+    """The model is loaded and PEFT-wrapped, before the Trainer is built.
+
+    Freezing, audits and parameter tables belong here. Raise :class:`stabguard.GuardError` to refuse
+    to train (the message is shown to the user and the run exits non-zero before any step).
+
+    :param model: the (possibly PEFT-wrapped) model; may be changed in place.
+    :param processor: the model's processor (tokenizer + image processor).
+    :param recipe: the validated recipe.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec(firstresult=True)
+def make_optimizer(model, args, param_groups, events):
+    """Build the optimizer instead of the Trainer's default.
+
+    Fires once, when the Trainer creates its optimizer.
+
+    :param model: the model being trained.
+    :param args: the ``transformers.TrainingArguments`` (learning rate, betas, epsilon).
+    :param param_groups: the Trainer's parameter groups: trainable parameters only, split into
+        weight-decay (``args.weight_decay``) and no-decay (biases, norms) groups.
+    :param events: the run's event log.
+    :return: a ``torch.optim.Optimizer`` or None. Stops at the first non-None result; when every
+        implementation returns None the Trainer builds its default optimizer.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Data (per micro-batch; inside the data loader)
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def pre_collate(samples, events):
+    """A micro-batch of sample dicts is about to be collated.
+
+    :param samples: list of sample dicts (``id``, ``messages``, ``images``). Implementations may edit
+        the list in place (drop or repair samples); the collator sees what is left.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec
+def post_collate(batch, samples, events):
+    """A micro-batch has been collated into tensors and is about to reach the model.
+
+    :param batch: dict of tensors (``input_ids``, ``attention_mask``, ``labels``, vision inputs);
+        may be edited in place (for example labels of a bad sample set to -100).
+    :param samples: the sample dicts the batch was built from, in batch order.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called. Raise :class:`stabguard.GuardError` to end
+        the run with a message naming the sample.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def post_backward(state, events):
+    """Gradients of one optimizer step are accumulated (and reduced across ranks).
+
+    ``state.grad_norm`` (pre-clip global L2 norm) and ``state.loss`` (mean loss of the step's
+    micro-batches) are device tensors computed in one pass; read them instead of touching the
+    gradients again. Use ``state.host()`` for Python floats (one shared host sync per step).
+
+    :param state: the :class:`~stabguard.trainer.StepState` of this optimizer step.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec
+def pre_step(state, events):
+    """Decide whether this optimizer step may run.
+
+    Fires after ``post_backward``, before clipping and ``optimizer.step()``. A guard that wants the
+    gradients clipped calls ``state.clip_to(max_norm)`` (the smallest request wins; clipping uses the
+    shared norm).
+
+    :param state: the :class:`~stabguard.trainer.StepState` of this optimizer step.
+    :param events: the run's event log.
+    :return: a :class:`~stabguard.Verdict` or None (None means proceed). All results are combined:
+        STOP > SKIP > PROCEED, then agreed across ranks (the most severe wins everywhere).
+        SKIP drops the gradients: no optimizer step, no scheduler step. STOP saves a checkpoint of
+        the last good state and ends the run with the verdict's reason.
+    """
+
+
+@hookspec
+def on_step_end(state, events):
+    """The optimizer step has been applied, skipped or stopped (``state.verdict`` says which).
+
+    :param state: the :class:`~stabguard.trainer.StepState` of this optimizer step.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec
+def on_log(logs, state, events):
+    """The Trainer is about to log ``logs`` (on logging steps only).
+
+    :param logs: the dict about to be logged; add ``stabguard/<name>`` metrics in place. They reach
+        ``trainer_state.json`` and every ``report_to`` integration (TensorBoard, ...).
+    :param state: the last :class:`~stabguard.trainer.StepState`, or None before the first step.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the end of the run
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def state_dict():
+    """A checkpoint is being written.
+
+    :return: a JSON-serialisable dict of this guard's state (running statistics, counters) or None.
+        Results are saved per plugin name in ``stabguard_state.json`` inside the checkpoint.
+    """
+
+
+@hookspec
+def load_state_dict(state):
+    """A run resumes from a checkpoint; receives what ``state_dict`` returned for this plugin.
+
+    :param state: the dict this plugin returned from ``state_dict`` when the checkpoint was written.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_alert(alert):
+    """An alert was recorded (grad-norm spike, rollback, ...): send it somewhere a person sees it.
+
+    :param alert: an :class:`~stabguard.events.Alert` (guard, message, step, values).
+    :return: ignored; every implementation is called.
+    """
+
+
+@hookspec
+def on_train_end(state, reason, events):
+    """Training has ended, normally or by a STOP verdict.
+
+    :param state: the last :class:`~stabguard.trainer.StepState`, or None if no step ran.
+    :param reason: None after a normal end, the STOP reason otherwise.
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
+    """

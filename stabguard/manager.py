@@ -1,0 +1,160 @@
+"""The plugin manager: built-in guards, entry points, recipe-listed modules, blocking.
+
+Built-in guards (the modules in ``plugins/``, installed as ``stabguard.plugins``) are loaded through the
+same function as every other plugin module; only their ``source`` differs. Third-party plugins come
+from the entry-point group ``stabguard`` (switched off by ``STABGUARD_DISABLE_PLUGIN_AUTOLOAD=1``) or
+from a recipe's ``plugins = ["my_module"]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from stabguard import hookspecs
+from stabguard.options import GuardOptions
+
+ENTRY_POINT_GROUP = "stabguard"
+AUTOLOAD_ENV = "STABGUARD_DISABLE_PLUGIN_AUTOLOAD"
+
+BUILTIN_PLUGINS = {
+    "mask": "stabguard.plugins.mask",
+    "vision_freeze": "stabguard.plugins.vision_freeze",
+    "grad_norm": "stabguard.plugins.grad_norm",
+    "nonfinite": "stabguard.plugins.nonfinite",
+    "optim8bit": "stabguard.plugins.optim8bit",
+}
+
+HOOK_NAMES = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "stabguard_spec"))
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "built-in" | "entry point" | "recipe" | "registered"
+    version: str
+    plugin: Any
+
+
+@dataclass
+class GuardSpec:
+    name: str
+    options: type[GuardOptions]
+    factory: Callable[[GuardOptions], Any]
+    provided_by: str
+    instance: Any = field(default=None, repr=False)
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class Plugins:
+    """A pluggy manager plus what stabguard knows about each plugin and guard."""
+
+    def __init__(self, block: Iterable[str] = ()):
+        self.pm = pluggy.PluginManager("stabguard")
+        self.pm.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        self.guards: dict[str, GuardSpec] = {}
+        for name in block:
+            self.pm.set_blocked(name)
+
+    @classmethod
+    def for_recipe(cls, modules: Iterable[str] = (), block: Iterable[str] = (), *,
+                   builtins: bool = True, autoload: bool | None = None) -> Plugins:
+        """Built-ins, then entry points (unless disabled), then the recipe's modules; guards collected."""
+        plugins = cls(block=block)
+        if builtins:
+            for name, module in BUILTIN_PLUGINS.items():
+                plugins.load_module(module, name=name, source="built-in")
+        if autoload if autoload is not None else not autoload_disabled():
+            plugins.load_entry_points()
+        for module in modules:
+            plugins.load_module(module, source="recipe")
+        plugins.collect_guards()
+        return plugins
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def register(self, plugin: Any, name: str, source: str = "registered", version: str = "") -> None:
+        """Register a plugin object (module or instance); a blocked name is silently left out."""
+        if self.pm.is_blocked(name):
+            return
+        self.pm.register(plugin, name=name)
+        self.info[name] = PluginInfo(name, source, version or _version_of(plugin), plugin)
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.info.pop(name, None)
+
+    def load_module(self, module_path: str, *, name: str | None = None, source: str) -> ModuleType | None:
+        name = name or module_path
+        if self.pm.is_blocked(name) or self.pm.has_plugin(name):
+            return None
+        try:
+            module = importlib.import_module(module_path)
+        except ImportError as exc:
+            raise ImportError(f"cannot import plugin module {module_path!r} ({source}): {exc}") from exc
+        self.register(module, name=name, source=source)
+        return module
+
+    def load_entry_points(self) -> int:
+        before = set(self.pm.get_plugins())
+        count = self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for plugin, dist in self.pm.list_plugin_distinfo():
+            if plugin in before:
+                continue
+            name = self.pm.get_name(plugin)
+            self.info[name] = PluginInfo(name, "entry point", f"{dist.metadata['name']} {dist.version}", plugin)
+        return count
+
+    def collect_guards(self) -> None:
+        """Ask every plugin for its guards (``register_guards``)."""
+        for impl in self.pm.hook.register_guards.get_hookimpls():
+            def register(name, options, factory, _by=impl.plugin_name):
+                if self.pm.is_blocked(name):
+                    return
+                if name in self.guards and self.guards[name].provided_by != _by:
+                    raise ValueError(f"guard {name!r} is registered by both {self.guards[name].provided_by!r} and {_by!r}")
+                self.guards[name] = GuardSpec(name, options, factory, _by)
+
+            impl.function(**{arg: register for arg in impl.argnames})
+
+    def guard_options(self) -> dict[str, type[GuardOptions]]:
+        return {name: spec.options for name, spec in self.guards.items()}
+
+    def enable_guards(self, options: dict[str, GuardOptions]) -> list[str]:
+        """Build and register each guard whose options say ``enabled``; return the enabled names."""
+        enabled = []
+        for name, spec in self.guards.items():
+            opts = options.get(name) or spec.options()
+            if not opts.enabled:
+                continue
+            spec.instance = spec.factory(opts)
+            self.register(spec.instance, name=f"guard:{name}", source=self.info[spec.provided_by].source,
+                          version=self.info[spec.provided_by].version)
+            enabled.append(name)
+        return enabled
+
+    def hooks_of(self, name: str) -> list[str]:
+        plugin = self.pm.get_plugin(name)
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+
+
+def _version_of(plugin: Any) -> str:
+    from stabguard import __version__
+
+    module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", "")
+    if str(module).startswith("stabguard"):
+        return __version__
+    top = importlib.import_module(str(module).split(".")[0]) if module else None
+    return str(getattr(top, "__version__", ""))

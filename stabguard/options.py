@@ -1,0 +1,17 @@
+"""The base of every guard's options model."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class GuardOptions(BaseModel):
+    """Options of one guard, read from the recipe's ``[guards.<name>]`` table.
+
+    Subclass it and declare fields with defaults; unknown keys are rejected with the allowed names.
+    ``enabled = false`` in the recipe switches the guard off.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True

@@ -1,0 +1,243 @@
+"""TOML recipe -> validated :class:`Recipe`.
+
+Every error is collected and reported at once, each as ``dotted.key: message``; the CLI exits 2 on
+them. Guard tables (``[guards.<name>]``) are checked against the options model each guard declared
+through ``register_guards``, so a recipe is fully checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stabguard.options import GuardOptions
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# TrainingArguments names that transformers 5 removed or renamed, with what to write instead.
+RENAMED_TRAINING_ARGS = {
+    "warmup_ratio": "removed in transformers 5: write warmup_steps = {value} (a float in [0, 1) is a ratio)",
+    "evaluation_strategy": "renamed in transformers 5: write eval_strategy = {value!r}",
+    "no_cuda": "removed in transformers 5: write use_cpu = {value!r}",
+    "use_mps_device": "removed in transformers 5: the device is picked automatically; use use_cpu = true to force CPU",
+    "logging_dir": "removed in transformers 5: logs go under output_dir",
+    "overwrite_output_dir": "removed in transformers 5: delete the output directory yourself",
+    "per_gpu_train_batch_size": "renamed: write per_device_train_batch_size = {value!r}",
+    "fp16_backend": "removed: write half_precision_backend = {value!r}",
+    "save_safetensors": "removed in transformers 5: checkpoints are always safetensors",
+    "include_tokens_per_second": "renamed in transformers 5: write include_num_input_tokens_seen = true",
+}
+
+# Set by stabguard unless the recipe says otherwise; see the docs for why each one.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "remove_unused_columns": False,  # samples carry messages/images the collator needs
+    "logging_nan_inf_filter": False,  # a host sync per micro-step that hides NaN; nonfinite replaces it
+    "report_to": "none",
+    "save_strategy": "steps",
+    "dataloader_num_workers": 0,
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name_or_path: str
+    model_class: str = "Qwen3VLForConditionalGeneration"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: str | None = "sdpa"
+    tiny: dict[str, Any] | None = None
+    min_pixels: int | None = Field(default=None, gt=0)
+    max_pixels: int | None = Field(default=None, gt=0)
+
+
+class LoraSection(Section):
+    enabled: bool = True
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    skip_modules: list[str] = Field(default_factory=lambda: ["model.visual", "lm_head"])
+
+
+class DataSection(Section):
+    train: str
+    val: str | None = None
+    max_length: int | None = Field(default=2048, gt=0)
+    truncation: Literal["drop", "error"] = "drop"
+    padding_side: Literal["right", "left"] = "right"
+    synth: dict[str, Any] | None = None
+
+
+class Recipe(BaseModel):
+    """A validated recipe. ``training`` holds the keyword arguments for ``TrainingArguments``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    path: Path | None = None
+    plugins: list[str] = Field(default_factory=list)
+    block_plugins: list[str] = Field(default_factory=list)
+    model: ModelSection
+    data: DataSection
+    training: dict[str, Any]
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    guards: dict[str, GuardOptions] = Field(default_factory=dict)
+
+    def training_arguments(self) -> dict[str, Any]:
+        """The keyword arguments for ``TrainingArguments``: stabguard's defaults, then the recipe."""
+        return {**TRAINING_DEFAULTS, **self.training}
+
+
+class RecipeError(ValueError):
+    """Every problem of a recipe, each as ``(dotted key, message)``."""
+
+    def __init__(self, path: str | Path | None, errors: list[tuple[str, str]]):
+        self.path = path
+        self.errors = errors
+        where = f"{path}: " if path else ""
+        lines = "\n".join(f"  {key}: {message}" for key, message in errors)
+        super().__init__(f"{where}{len(errors)} error(s) in recipe\n{lines}")
+
+
+def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "literal_error":
+            message = f"{err['msg']} (got {err.get('input')!r})"
+        out.append((key or "<recipe>", message))
+    return out
+
+
+def _check_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Validate every section but ``guards`` and ``training``; return the parsed sections."""
+    fields = {"plugins": list, "block_plugins": list, "model": ModelSection, "data": DataSection,
+              "lora": LoraSection, "quantization": QuantizationSection}
+    known = set(fields) | {"training", "guards"}
+    errors = [(key, f"unknown section; known: {', '.join(sorted(known))}") for key in raw if key not in known]
+    parsed: dict[str, Any] = {}
+    for name, kind in fields.items():
+        value = raw.get(name)
+        if value is None:
+            if name in ("model", "data"):
+                errors.append((name, "missing section"))
+            continue
+        if kind is list:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                errors.append((name, "must be a list of strings"))
+            else:
+                parsed[name] = value
+            continue
+        try:
+            parsed[name] = kind.model_validate(value)
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, name))
+    return parsed, errors
+
+
+def check_training(training: Any) -> list[tuple[str, str]]:
+    """Names against ``TrainingArguments`` (with the transformers-5 spelling of renamed ones), then values."""
+    if not isinstance(training, dict):
+        return [("training", "missing section")]
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    errors = []
+    for key, value in training.items():
+        if key in RENAMED_TRAINING_ARGS:
+            errors.append((f"training.{key}", RENAMED_TRAINING_ARGS[key].format(value=value)))
+        elif key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            errors.append((f"training.{key}", f"not a TrainingArguments field{hint}"))
+    if "output_dir" not in training:
+        errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
+    if errors:
+        return errors
+    try:
+        TrainingArguments(**{**TRAINING_DEFAULTS, **training})
+    except (ValueError, TypeError) as exc:
+        errors.append(("training", str(exc).strip().splitlines()[0]))
+    return errors
+
+
+def check_guards(raw_guards: Any, known: dict[str, type[GuardOptions]]) -> tuple[dict, list[tuple[str, str]]]:
+    """Each ``[guards.<name>]`` table against the options its guard declared; absent guards get defaults."""
+    raw_guards = raw_guards or {}
+    if not isinstance(raw_guards, dict):
+        return {}, [("guards", "must be a table of [guards.<name>] tables")]
+    errors: list[tuple[str, str]] = []
+    for name in raw_guards:
+        if name not in known:
+            errors.append((f"guards.{name}", f"unknown guard; known guards: {', '.join(sorted(known)) or 'none'}"))
+    options = {}
+    for name, model in known.items():
+        table = raw_guards.get(name, {})
+        if not isinstance(table, dict):
+            errors.append((f"guards.{name}", "must be a table"))
+            continue
+        try:
+            options[name] = model.model_validate(table)
+        except ValidationError as exc:
+            errors.extend(_pydantic_errors(exc, f"guards.{name}"))
+    return options, errors
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(path, [("<file>", f"recipe not found: {path}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(path, [("<toml>", str(exc))]) from None
+
+
+def plugin_lists(path: str | Path) -> tuple[list[str], list[str]]:
+    """The recipe's ``plugins`` and ``block_plugins`` (unchecked; ``load_recipe`` reports bad values)."""
+    raw = read_toml(path)
+    lists = [raw.get(key, []) for key in ("plugins", "block_plugins")]
+    return tuple([v for v in value if isinstance(v, str)] if isinstance(value, list) else [] for value in lists)
+
+
+def load_recipe(path: str | Path, plugins=None) -> Recipe:
+    """Read and validate a recipe; raise :class:`RecipeError` listing every problem.
+
+    :param plugins: a :class:`~stabguard.manager.Plugins` whose guards the ``[guards.*]`` tables are
+        checked against; built from the recipe's own ``plugins``/``block_plugins`` when None.
+    """
+    raw = read_toml(path)
+    parsed, errors = _check_sections(raw)
+    errors += check_training(raw.get("training"))
+    if plugins is None:
+        from stabguard.manager import Plugins
+
+        try:
+            plugins = Plugins.for_recipe(parsed.get("plugins", []), parsed.get("block_plugins", []))
+        except ImportError as exc:
+            errors.append(("plugins", str(exc)))
+    guards = {}
+    if plugins is not None:  # with a plugin that failed to import, guard tables cannot be checked
+        guards, guard_errors = check_guards(raw.get("guards"), plugins.guard_options())
+        errors += guard_errors
+    if errors:
+        raise RecipeError(path, errors)
+    return Recipe(path=Path(path), training=raw["training"], guards=guards, **parsed)

@@ -1,0 +1,277 @@
+"""GuardTrainer: the Hugging Face Trainer, with stabguard's hooks fired at the step's seams.
+
+It takes over three seams of ``transformers.Trainer`` (5.24; see docs/design-notes.md) instead of
+copying its loop:
+
+- ``_clip_grad_norm`` / ``_get_grad_norm``: called once per optimizer step after gradient accumulation.
+  Here the one pass over the gradients happens, guards decide, and the verdict is applied.
+- a SKIP drops the gradients and replaces the next ``optimizer.step()`` with a no-op that raises the
+  accelerate ``step_was_skipped`` flag, so the Trainer also holds the LR scheduler.
+- ``log``: guards add their metrics to the Trainer's own log lines.
+
+The class only fires hooks and applies verdicts; every check lives in a plugin.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from stabguard.verdict import Action, Verdict, combine
+
+GUARD_STATE_FILE = "stabguard_state.json"
+
+
+@dataclass
+class StepState:
+    """One optimizer step as the guards see it.
+
+    ``grad_norm`` (pre-clip global L2 norm) and ``loss`` (mean over the step's micro-batches) are
+    device tensors; ``host()`` turns them into floats with one sync shared by every guard.
+    """
+
+    step: int
+    grad_norm: torch.Tensor
+    loss: torch.Tensor
+    model: Any = field(repr=False, default=None)
+    optimizer: Any = field(repr=False, default=None)
+    max_norm: float | None = None
+    verdict: Verdict = field(default_factory=Verdict.proceed)
+    _host: dict[str, float] | None = field(default=None, repr=False)
+
+    def host(self) -> dict[str, float]:
+        """``{"grad_norm": float, "loss": float}``; the first call syncs, later calls are free."""
+        if self._host is None:
+            values = torch.stack([self.grad_norm.float(), self.loss.float().to(self.grad_norm.device)]).tolist()
+            self._host = {"grad_norm": values[0], "loss": values[1]}
+        return self._host
+
+    def clip_to(self, max_norm: float) -> None:
+        """Ask for the gradients to be clipped to ``max_norm``; the smallest request wins."""
+        self.max_norm = max_norm if self.max_norm is None else min(self.max_norm, max_norm)
+
+
+class _GuardedCollator:
+    """Wraps the data collator with ``pre_collate`` and ``post_collate``."""
+
+    def __init__(self, collator, hook, events):
+        self.collator, self.hook, self.events = collator, hook, events
+
+    def __call__(self, samples):
+        samples = list(samples)
+        self.hook.pre_collate(samples=samples, events=self.events)
+        batch = self.collator(samples)
+        self.hook.post_collate(batch=batch, samples=samples, events=self.events)
+        return batch
+
+    def __getattr__(self, name):  # the Trainer inspects collator attributes
+        return getattr(self.collator, name)
+
+
+class _HookCallback(TrainerCallback):
+    """Fires the hooks that sit on the Trainer's callback events."""
+
+    def __init__(self, trainer: GuardTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t.last_step is not None:
+            t.plugins.hook.on_step_end(state=t.last_step, events=t.events)
+        if t.stop_reason is not None:  # the checkpoint of the last good state is already written
+            control.should_save = control.should_evaluate = False
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        t.plugins.hook.on_train_end(state=t.last_step, reason=t.stop_reason, events=t.events)
+
+
+class GuardTrainer(transformers.Trainer):
+    """``transformers.Trainer`` that fires stabguard's hooks and applies the guards' verdicts.
+
+    :param plugins: a :class:`~stabguard.manager.Plugins` with the run's guards enabled.
+    :param events: the run's :class:`~stabguard.events.EventLog`.
+    """
+
+    def __init__(self, *args, plugins, events, **kwargs):
+        self.plugins, self.events = plugins, events
+        self.last_step: StepState | None = None
+        self.stop_reason: str | None = None
+        self.skipped_steps = 0
+        self._micro_losses: list[torch.Tensor] = []
+        self._tr_loss_at_step_start: torch.Tensor | None = None
+        if kwargs.get("data_collator") is not None:
+            kwargs["data_collator"] = _GuardedCollator(kwargs["data_collator"], plugins.hook, events)
+        super().__init__(*args, **kwargs)
+        # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
+        self.args.logging_nan_inf_filter = False
+        self.add_callback(_HookCallback(self))
+
+    # -- optimizer ---------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model or self.model
+            self.optimizer = self.plugins.hook.make_optimizer(
+                model=model, args=self.args, param_groups=self._param_groups(model), events=self.events)
+        if self.optimizer is None:
+            return super().create_optimizer(model)
+        return self.optimizer
+
+    def _param_groups(self, model) -> list[dict]:
+        """The Trainer's own grouping: trainable parameters, with and without weight decay."""
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._micro_losses and hasattr(self, "_tr_loss"):
+            self._tr_loss_at_step_start = self._tr_loss.detach().clone()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._micro_losses.append(loss)
+        return loss
+
+    def _clip_grad_norm(self, model):
+        return self._guarded_step(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Reached without _clip_grad_norm when max_grad_norm == 0: still exactly one guarded pass.
+        return self._guarded_step(model) if grad_norm is None else grad_norm
+
+    def _guarded_step(self, model) -> torch.Tensor:
+        """Gradients are accumulated: measure once, let the guards decide, apply the verdict."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        # One fused pass over the gradients; every guard reads this norm.
+        grad_norm = global_grad_norm(params)
+        loss = torch.stack(self._micro_losses).sum() if self._micro_losses else torch.zeros((), device=grad_norm.device)
+        self._micro_losses = []
+        state = StepState(step=self.state.global_step + 1, grad_norm=grad_norm, loss=loss,
+                          model=model, optimizer=self.optimizer)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            state.clip_to(self.args.max_grad_norm)
+        self.last_step = state
+
+        # Guards look, then decide; the most severe verdict wins on every rank.
+        self.plugins.hook.post_backward(state=state, events=self.events)
+        state.verdict = agree_across_ranks(combine(self.plugins.hook.pre_step(state=state, events=self.events)))
+
+        # Apply: clip and step, or drop this step's update.
+        if state.verdict.action == Action.PROCEED:
+            if state.max_norm is not None and params:
+                torch.nn.utils.clip_grads_with_norm_(params, state.max_norm, grad_norm, foreach=True)
+            self._mark_step_skipped(False)
+        else:
+            self._drop_update(model, state)
+        if state.verdict.action == Action.STOP:
+            self._stop(model, state)
+        return grad_norm
+
+    def _drop_update(self, model, state: StepState) -> None:
+        """SKIP: no gradients, no optimizer step, no scheduler step; the logged loss ignores the step."""
+        for p in model.parameters():
+            p.grad = None
+        self._mark_step_skipped(True)
+        if self._tr_loss_at_step_start is not None:
+            # As the Trainer's own NaN filter does: count the step at the running average loss.
+            before = self._tr_loss_at_step_start
+            self._tr_loss.copy_(before + before / (1 + self.state.global_step - self._globalstep_last_logged))
+        self.skipped_steps += 1
+        if state.verdict.action == Action.SKIP:
+            self.events.record(state.verdict.guard or "core", "skip", f"step {state.step} skipped: {state.verdict.reason}",
+                               step=state.step, skipped_steps=self.skipped_steps)
+
+    def _mark_step_skipped(self, skipped: bool) -> None:
+        optimizer = self.optimizer
+        if not skipped:
+            if hasattr(optimizer, "_is_overflow") and getattr(optimizer, "scaler", None) is None:
+                optimizer._is_overflow = False
+            return
+        def skipped_step(*args, **kwargs):
+            # One call only: restore the real step, and tell the Trainer to hold the scheduler.
+            del optimizer.step
+            optimizer._is_overflow = True
+
+        optimizer.step = skipped_step
+
+    def _stop(self, model, state: StepState) -> None:
+        """STOP: checkpoint the last good state (this step's update was dropped), then end the run."""
+        self.stop_reason = f"step {state.step}: {state.verdict.reason}"
+        self._save_checkpoint(model, trial=None)
+        checkpoint = Path(self._get_output_dir(trial=None)) / f"checkpoint-{self.state.global_step}"
+        self.events.record(state.verdict.guard or "core", "stop", f"run stopped at {self.stop_reason}",
+                           step=state.step, checkpoint=str(checkpoint))
+        self.control.should_training_stop = True
+
+    # -- logs and checkpoints ----------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "grad_norm" in logs:  # training log lines, not the final summary
+            logs["stabguard/skipped_steps"] = self.skipped_steps
+            self.plugins.hook.on_log(logs=logs, state=self.last_step, events=self.events)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            guard_state = {"skipped_steps": self.skipped_steps, "plugins": plugin_states(self.plugins)}
+            (folder / GUARD_STATE_FILE).write_text(json.dumps(guard_state, indent=1))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / GUARD_STATE_FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            self.skipped_steps = saved.get("skipped_steps", 0)
+            load_plugin_states(self.plugins, saved.get("plugins", {}))
+
+
+def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients in one fused pass (no host sync; NaN/Inf propagate)."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+
+
+def agree_across_ranks(verdict: Verdict) -> Verdict:
+    """The most severe verdict of any rank, on every rank (a no-op outside distributed runs)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return verdict
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    worst = torch.tensor([int(verdict.action)], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if int(worst.item()) == Action.PROCEED:
+        return verdict
+    # Rare path (a skip or a stop somewhere): gather every rank's reason so all ranks log the same one.
+    everyone: list[Verdict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, verdict)
+    return combine(everyone)
+
+
+def plugin_states(plugins) -> dict[str, Any]:
+    """``state_dict`` of every plugin that implements it, keyed by plugin name."""
+    states = {}
+    for impl in plugins.hook.state_dict.get_hookimpls():
+        value = impl.function()
+        if value is not None:
+            states[impl.plugin_name] = value
+    return states
+
+
+def load_plugin_states(plugins, states: dict[str, Any]) -> None:
+    for impl in plugins.hook.load_state_dict.get_hookimpls():
+        if impl.plugin_name in states:
+            impl.function(**{arg: states[impl.plugin_name] for arg in impl.argnames})

@@ -1,0 +1,65 @@
+"""Fixtures shared across the suite.
+
+Tests never autoload third-party plugins (the entry-point switch is set here); a test that needs
+entry points turns it back on with monkeypatch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ["STABGUARD_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---- core: the tiny demo model and synthetic data, built once per session --------------------------
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A saved tiny random Qwen3-VL (with processor) and a small synthetic PCB train set."""
+    from stabguard.data.synth import synth_pcb
+    from stabguard.models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = build_tiny_model(root / "model", seed=0, max_pixels=65536)
+    synth_pcb(root / "data", n=8, seed=0, size=128, val_fraction=0.25)
+    return {"model": model_dir, "train": root / "data" / "train.jsonl", "val": root / "data" / "val.jsonl"}
+
+
+# ---- collate/mask (helper): tokenizers and processors, built once per session ----------------------
+# Fixture names start with the tokenizer they use; the Qwen BPE ones skip when dashscope is missing.
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The small demo byte-level BPE with Qwen's special tokens (no unk token, like Qwen)."""
+    from stabguard.models import build_demo_tokenizer
+
+    return build_demo_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def demo_processor(demo_tokenizer):
+    """A Qwen3-VL processor on the demo tokenizer; 4 to 16 tokens per image keeps tests fast."""
+    from stabguard.models import build_processor
+
+    return build_processor(demo_tokenizer, min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen BPE (dashscope's qwen.tiktoken) with the special tokens at their real ids."""
+    pytest.importorskip("dashscope")
+    from stabguard.models import build_qwen_tokenizer
+
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen_processor(qwen_tokenizer):
+    """A Qwen3-VL processor on the real Qwen BPE; small image limits as for ``demo_processor``."""
+    from stabguard.models import build_processor
+
+    return build_processor(qwen_tokenizer, min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32)

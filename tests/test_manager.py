@@ -1,0 +1,128 @@
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from stabguard.cli import main
+from stabguard.manager import AUTOLOAD_ENV, BUILTIN_PLUGINS, Plugins
+
+THIRD_PARTY = '''
+from stabguard import GuardOptions, Verdict, hookimpl
+
+__version__ = "1.2.3"
+SEEN = []
+
+
+class Options(GuardOptions):
+    every: int = 1
+
+
+class CountingGuard:
+    def __init__(self, options):
+        self.options = options
+
+    @hookimpl
+    def pre_step(self, state):
+        SEEN.append(state.step)
+        return None
+
+
+@hookimpl
+def register_guards(register):
+    register("counting", Options, CountingGuard)
+
+
+@hookimpl
+def on_alert(alert):
+    SEEN.append(("alert", alert.message))
+'''
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """An installed-looking distribution `sg-thirdparty` with a `stabguard` entry point."""
+    (tmp_path / "sg_thirdparty.py").write_text(THIRD_PARTY)
+    dist = tmp_path / "sg_thirdparty-1.2.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sg-thirdparty\nVersion: 1.2.3\n")
+    (dist / "entry_points.txt").write_text("[stabguard]\ncounting = sg_thirdparty\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
+    yield "counting"
+
+
+def test_builtins_load_and_every_impl_has_a_spec():
+    plugins = Plugins.for_recipe()
+    plugins.pm.check_pending()
+    assert set(BUILTIN_PLUGINS) <= set(plugins.info)
+    assert {"mask", "vision_freeze", "grad_norm", "nonfinite", "optim8bit"} <= set(plugins.guards)
+    assert all(plugins.info[name].source == "built-in" for name in BUILTIN_PLUGINS)
+
+
+def test_enabled_guards_are_registered_and_checked():
+    plugins = Plugins.for_recipe()
+    options = {name: spec.options() for name, spec in plugins.guards.items()}
+    options["optim8bit"] = plugins.guards["optim8bit"].options(enabled=False)
+    enabled = plugins.enable_guards(options)
+    plugins.pm.check_pending()
+    assert "optim8bit" not in enabled and "nonfinite" in enabled
+    assert plugins.pm.has_plugin("guard:nonfinite") and not plugins.pm.has_plugin("guard:optim8bit")
+
+
+def test_blocked_plugin_is_not_loaded_and_its_guard_unknown():
+    plugins = Plugins.for_recipe(block=["optim8bit"])
+    assert "optim8bit" not in plugins.info and "optim8bit" not in plugins.guards
+
+
+def test_third_party_entry_point_is_discovered_and_fires(third_party):
+    import sg_thirdparty
+
+    plugins = Plugins.for_recipe()
+    assert plugins.info[third_party].source == "entry point"
+    assert plugins.info[third_party].version == "sg-thirdparty 1.2.3"
+    assert "counting" in plugins.guards
+    plugins.enable_guards({})
+    plugins.pm.check_pending()
+
+    class State:
+        step = 7
+
+    plugins.hook.pre_step(state=State(), events=None)
+    assert 7 in sg_thirdparty.SEEN
+
+
+def test_autoload_switch_disables_entry_points(third_party, monkeypatch):
+    monkeypatch.setenv(AUTOLOAD_ENV, "1")
+    assert third_party not in Plugins.for_recipe().info
+
+
+def test_plugins_command_lists_third_party_and_builtins(third_party):
+    out = CliRunner().invoke(main, ["plugins"])
+    assert out.exit_code == 0, out.output
+    assert "counting sg-thirdparty 1.2.3 (entry point) guards: counting" in out.output
+    assert "nonfinite 0.1.0 (built-in) guards: nonfinite" in out.output
+    hooks_line = out.output.split("nonfinite 0.1.0")[1].splitlines()[1]
+    assert "pre_step" in hooks_line and "register_guards" in hooks_line
+
+
+def test_plugins_command_filters_by_hook():
+    out = CliRunner().invoke(main, ["plugins", "--hook", "make_optimizer"])
+    assert out.exit_code == 0, out.output
+    assert "optim8bit" in out.output and "nonfinite" not in out.output
+    bad = CliRunner().invoke(main, ["plugins", "--hook", "nope"])
+    assert bad.exit_code == 2 and "pre_step" in bad.output
+
+
+def test_recipe_module_plugin(tmp_path, monkeypatch):
+    (tmp_path / "my_recipe_plugin.py").write_text(textwrap.dedent('''
+        from stabguard import hookimpl
+        @hookimpl
+        def on_log(logs):
+            logs["mine"] = 1
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins.for_recipe(["my_recipe_plugin"])
+    assert plugins.info["my_recipe_plugin"].source == "recipe"
+    logs = {}
+    plugins.hook.on_log(logs=logs, state=None, events=None)
+    assert logs == {"mine": 1}

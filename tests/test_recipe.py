@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+from support import tiny_recipe, write_recipe
+
+from stabguard.manager import Plugins
+from stabguard.recipe import RecipeError, load_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+
+
+def errors_of(path, plugins=None) -> dict[str, str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, plugins or Plugins.for_recipe())
+    return dict(info.value.errors)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path, Plugins.for_recipe())
+    assert recipe.training["output_dir"]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), "each shipped recipe starts with a comment giving the command that runs it"
+    assert f"stabguard run recipes/{path.name}" in path.read_text()
+
+
+def test_every_error_is_reported_at_once_with_its_key(tmp_path):
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
+                         training={"warmup_ratio": 0.1, "learning_rat": 1e-4},
+                         guards={"nonfinite": {"max_consecutive": 0, "colour": "red"}, "nosuch": {}})
+    recipe["lora"]["r"] = -1
+    recipe["model"]["dtype"] = "fp8"
+    recipe["surprise"] = {"x": 1}
+    errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
+    assert "warmup_steps = 0.1" in errors["training.warmup_ratio"]
+    assert "learning_rate" in errors["training.learning_rat"]
+    assert "lora.r" in errors and "model.dtype" in errors and "surprise" in errors
+    assert "guards.nonfinite.max_consecutive" in errors
+    assert errors["guards.nonfinite.colour"] == "unknown key"
+    assert "known guards:" in errors["guards.nosuch"] and "grad_norm" in errors["guards.nosuch"]
+
+
+def test_missing_sections_and_output_dir(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[training]\nmax_steps = 1\n")
+    errors = errors_of(path)
+    assert {"model", "data", "training.output_dir"} <= set(errors)
+
+
+def test_bad_toml_names_the_line(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[model]\nname_or_path = \n")
+    errors = errors_of(path)
+    assert "line 2" in errors["<toml>"]
+
+
+def test_training_values_are_checked_by_transformers(tmp_path):
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
+                         training={"lr_scheduler_type": "zigzag"})
+    errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
+    assert "zigzag" in errors["training"]
+
+
+def test_guard_tables_get_their_options_and_defaults(tmp_path):
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
+                         guards={"nonfinite": {"max_consecutive": 3}, "optim8bit": {"enabled": False}})
+    loaded = load_recipe(write_recipe(tmp_path / "r.toml", recipe), Plugins.for_recipe())
+    assert loaded.guards["nonfinite"].max_consecutive == 3
+    assert loaded.guards["optim8bit"].enabled is False
+    assert loaded.guards["grad_norm"].enabled is True  # absent tables: defaults, enabled
+
+
+def test_unimportable_recipe_plugin_is_a_recipe_error(tmp_path):
+    from stabguard.runner import prepare
+
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out", plugins=["no_such_module_x"])
+    with pytest.raises(RecipeError) as info:
+        prepare(write_recipe(tmp_path / "r.toml", recipe))
+    assert "no_such_module_x" in dict(info.value.errors)["plugins"]

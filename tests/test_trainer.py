@@ -1,0 +1,146 @@
+"""GuardTrainer on the real tiny Qwen3-VL: hook order, SKIP and STOP verdicts, the Trainer seams."""
+
+import inspect
+import json
+import pytest
+import torch
+import transformers
+from support import HookRecorder, tiny_recipe, write_recipe
+
+from stabguard import Verdict, hookimpl
+from stabguard.events import read_events
+from stabguard.manager import Plugins
+from stabguard.runner import run
+
+
+def run_tiny(tmp_path, assets, *extra_plugins, training=None, guards=None):
+    plugins = Plugins.for_recipe()
+    for i, plugin in enumerate(extra_plugins):
+        plugins.register(plugin, name=f"test-plugin-{i}")
+    recipe = tiny_recipe(assets, tmp_path / "out", training=training, guards=guards)
+    return run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins)
+
+
+def test_hook_order_of_a_two_step_run(tmp_path, tiny_assets):
+    recorder = HookRecorder()
+    result = run_tiny(tmp_path, tiny_assets, recorder, training={"save_steps": 2})
+    assert result.ok and result.global_step == 2
+    step = ["post_backward", "pre_step", "on_step_end", "on_log"]
+    assert recorder.calls == [
+        "configure", "setup_model", "make_optimizer",
+        "pre_collate", "post_collate", *step,
+        "pre_collate", "post_collate", *step,
+        "state_dict",  # the checkpoint at step 2
+        "on_train_end",
+    ]
+
+
+class SkipAt:
+    """Returns SKIP at step k and records what the step would have changed."""
+
+    def __init__(self, k):
+        self.k = k
+        self.before = self.after = None
+        self.lrs = {}
+
+    def snapshot(self, state):
+        params = {n: p.detach().clone() for n, p in state.model.named_parameters() if p.requires_grad}
+        opt = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+               for p, s in state.optimizer.state.items()}
+        return params, opt
+
+    @hookimpl
+    def pre_step(self, state):
+        self.lrs[state.step] = state.optimizer.param_groups[0]["lr"]
+        if state.step == self.k:
+            self.before = self.snapshot(state)
+            return Verdict.skip("test says skip", "skip-at")
+
+    @hookimpl
+    def on_step_end(self, state):
+        if state.step == self.k:
+            self.after = self.snapshot(state)
+
+
+def test_skip_leaves_parameters_optimizer_and_lr_unchanged(tmp_path, tiny_assets):
+    skip = SkipAt(k=2)
+    result = run_tiny(tmp_path, tiny_assets, skip, training={"max_steps": 4, "warmup_steps": 3},
+                      guards={"optim8bit": {"enabled": False}})
+    assert result.ok and result.global_step == 4 and result.skipped_steps == 1
+    (p0, o0), (p1, o1) = skip.before, skip.after
+    assert all(torch.equal(p0[n], p1[n]) for n in p0)
+    assert o0.keys() == o1.keys() and all(torch.equal(o0[k][t], o1[k][t]) for k in o0 for t in o0[k])
+    assert skip.lrs[3] == skip.lrs[2], "the scheduler must not advance on a skipped step"
+    assert skip.lrs[4] > skip.lrs[3], "warm-up continues after the skip"
+    events = read_events(result.output_dir / "events.jsonl")
+    assert [e["step"] for e in events if e["kind"] == "skip"] == [2]
+    logged = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
+    assert max(entry.get("stabguard/skipped_steps", 0) for entry in logged) == 1
+
+
+class StopAt:
+    def __init__(self, k):
+        self.k = k
+
+    @hookimpl
+    def pre_step(self, state):
+        if state.step == self.k:
+            return Verdict.stop("test says stop", "stop-at")
+
+
+def test_stop_saves_last_good_state_and_ends(tmp_path, tiny_assets):
+    result = run_tiny(tmp_path, tiny_assets, StopAt(k=3), training={"max_steps": 5})
+    assert not result.ok and "test says stop" in result.stop_reason
+    checkpoint = result.output_dir / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "stabguard_state.json").exists()
+    assert not (result.output_dir / "checkpoint-3").exists()
+    stops = [e for e in read_events(result.output_dir / "events.jsonl") if e["kind"] == "stop"]
+    assert len(stops) == 1 and stops[0]["values"]["checkpoint"].endswith("checkpoint-2")
+
+
+class PoisonGrad:
+    """Puts a NaN into one LoRA gradient during the k-th backward pass (a real fault, before any guard)."""
+
+    def __init__(self, k):
+        self.k, self.backwards = k, 0
+
+    @hookimpl
+    def setup_model(self, model):
+        param = next(p for n, p in model.named_parameters() if "lora_A" in n)
+        param.register_hook(self.poison)
+
+    def poison(self, grad):
+        self.backwards += 1
+        if self.backwards == self.k:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+        return grad
+
+
+def test_nan_gradient_is_skipped_and_weights_stay_finite(tmp_path, tiny_assets):
+    result = run_tiny(tmp_path, tiny_assets, PoisonGrad(k=2), training={"max_steps": 3})
+    assert result.ok and result.skipped_steps == 1
+    model = result.trainer.model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    skips = [e for e in read_events(result.output_dir / "events.jsonl") if e["kind"] == "skip"]
+    assert skips[0]["guard"] == "nonfinite" and "gradients" in skips[0]["message"]
+
+
+def test_one_norm_pass_per_optimizer_step(tmp_path, tiny_assets, monkeypatch):
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("second norm pass"))
+    result = run_tiny(tmp_path, tiny_assets, training={"max_steps": 3, "gradient_accumulation_steps": 2})
+    assert result.ok and len(calls) == 3
+
+
+def test_trainer_seams_exist():
+    """GuardTrainer takes over private seams of transformers.Trainer; fail loudly, by name, if one moves."""
+    src = inspect.getsource(transformers.Trainer)
+    for seam in ("def _clip_grad_norm(self, model)", "def _get_grad_norm(self, model, grad_norm=None)",
+                 "def _save_checkpoint(self, model", "def _load_from_checkpoint(self, resume_from_checkpoint",
+                 "def get_decay_parameter_names(self, model", "self.accelerator.optimizer_step_was_skipped",
+                 "grad_norm = self._clip_grad_norm(model)", "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)",
+                 "self.optimizer.step()"):
+        assert seam in src, f"transformers {transformers.__version__} moved the seam `{seam}` GuardTrainer relies on"
