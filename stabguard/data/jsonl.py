@@ -1,0 +1,209 @@
+"""JSONL conversation datasets: every row checked when the file is opened, images decoded on access.
+
+A bad row found after hours of training costs hours; found at construction it costs seconds. So the
+whole file is parsed up front and every problem is reported at once, each as
+``path:line: key: message: value`` — enough to open the file at the right line and fix it.
+Images are only checked for existence up front (decoding them all would be slow on a large set);
+``check_images`` decodes a sample, and ``__getitem__`` names the sample and the file if one is corrupt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+ROLES = ("system", "user", "assistant")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
+
+
+class DataError(ValueError):
+    """A dataset problem a person must fix in the data; the message names file, line, key and value."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- row schema
+
+
+def _check_item(item: Any, key: str, base: Path) -> Iterator[str]:
+    """One content item: a text item or an image item whose file exists."""
+    if not isinstance(item, dict):
+        yield f"{key}: must be an object with a 'type', got {_short(item)}"
+        return
+    kind = item.get("type")
+    if kind == "text":
+        if not isinstance(item.get("text"), str):
+            yield f"{key}.text: must be a string, got {_short(item.get('text'))}"
+    elif kind == "image":
+        yield from _check_image_ref(item.get("image"), f"{key}.image", base)
+    else:
+        yield f"{key}.type: must be 'text' or 'image', got {_short(kind)}"
+
+
+def _check_image_ref(ref: Any, key: str, base: Path) -> Iterator[str]:
+    if not isinstance(ref, str) or not ref:
+        yield f"{key}: must be a non-empty path string, got {_short(ref)}"
+    elif "://" in ref:
+        yield f"{key}: only local files are supported, got URL: {_short(ref)}"
+    elif not (base / ref).is_file():
+        yield f"{key}: file not found: {ref}"
+
+
+def _check_content(content: Any, key: str, base: Path) -> Iterator[str]:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        yield f"{key}: must be a string or a list of items, got {_short(content)}"
+    elif not content:
+        yield f"{key}: must not be an empty list"
+    else:
+        for j, item in enumerate(content):
+            yield from _check_item(item, f"{key}[{j}]", base)
+
+
+def _check_message(msg: Any, i: int, base: Path) -> Iterator[str]:
+    key = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        yield f"{key}: must be an object with 'role' and 'content', got {_short(msg)}"
+        return
+    role = msg.get("role")
+    if role not in ROLES:
+        yield f"{key}.role: must be one of {', '.join(ROLES)}; got {_short(role)}"
+    elif role == "system" and i != 0:
+        yield f"{key}.role: a system turn may only come first, got system at position {i}"
+    if "content" not in msg:
+        yield f"{key}.content: missing"
+    else:
+        yield from _check_content(msg["content"], f"{key}.content", base)
+
+
+def row_problems(row: Any, base: Path) -> list[str]:
+    """Problems of one parsed row, each as ``key: message``; image paths resolve against ``base``."""
+    if not isinstance(row, dict):
+        return [f"row: must be a JSON object, got {_short(row)}"]
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return [f"messages: must be a non-empty list, got {_short(messages)}"]
+    problems = [p for i, m in enumerate(messages) for p in _check_message(m, i, base)]
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        problems.append("messages: no assistant turn, so nothing would be learned from this row")
+    return problems
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _parse(path: Path, limit: int | None) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) for every valid row, and ``path:line: ...`` for every problem."""
+    if not path.is_file():
+        return [], [f"{path}: file not found"]
+    rows, problems = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and lineno > limit:
+                break
+            if not line.strip():
+                continue  # blank lines (a trailing newline, say) are not rows
+            try:
+                row = json.loads(line.rstrip())  # so an error column points into this line
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            found = row_problems(row, path.parent)
+            problems += [f"{path}:{lineno}: {p}" for p in found]
+            if not found:
+                rows.append((lineno, row))
+    if not rows and not problems:
+        problems.append(f"{path}: no rows")
+    return rows, problems
+
+
+def check_rows(path: str | Path, limit: int | None = None) -> list[str]:
+    """Every schema problem in the first ``limit`` lines (all when None), without raising."""
+    return _parse(Path(path), limit)[1]
+
+
+def image_refs(messages: list[dict]) -> list[str]:
+    """Image paths in order of appearance, as written in the row."""
+    return [
+        item["image"]
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for item in m["content"]
+        if item.get("type") == "image"
+    ]
+
+
+def load_image(path: Path, sample_id: str, ref: str) -> Image.Image:
+    """Decode fully to RGB now, so a truncated or fake file fails here and not inside the processor."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{sample_id}: image {ref} ({path}) cannot be decoded: {type(e).__name__}: {e}") from e
+
+
+def check_images(path: str | Path, sample: int | None = 32, seed: int = 0) -> list[str]:
+    """Decode ``sample`` distinct images (all when None), chosen by ``seed``; return the failures."""
+    path = Path(path)
+    rows, _ = _parse(path, None)
+    refs = {}
+    for lineno, row in rows:
+        for ref in image_refs(row["messages"]):
+            refs.setdefault(ref, f"{path}:{lineno}")
+    chosen = sorted(refs)
+    if sample is not None and sample < len(chosen):
+        chosen = sorted(random.Random(seed).sample(chosen, sample))
+    problems = []
+    for ref in chosen:
+        try:
+            load_image(path.parent / ref, refs[ref], ref)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _raise_problems(path: Path, problems: list[str], max_errors: int | None) -> None:
+    shown = problems if max_errors is None else problems[:max_errors]
+    lines = [f"{len(problems)} problem(s) in {path}:"] + [f"  {p}" for p in shown]
+    if len(shown) < len(problems):
+        lines.append(f"  ... and {len(problems) - len(shown)} more (raise max_errors to see them)")
+    raise DataError("\n".join(lines))
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Conversations from a JSONL file; item ``i`` is the contract's sample dict.
+
+    Construction raises one ``DataError`` listing every schema problem (at most ``max_errors`` of
+    them). Extra top-level keys of a row (ground truth, say) are kept in ``rows`` but not put in
+    the sample, so the collator sees exactly ``id``, ``messages`` and ``images``.
+    """
+
+    def __init__(self, path: str | Path, max_errors: int | None = 50):
+        self.path = Path(path)
+        self.rows, problems = _parse(self.path, None)
+        if problems:
+            _raise_problems(self.path, problems, max_errors)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_id(self, i: int) -> str:
+        return f"{self.path}:{self.rows[i][0]}"
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        lineno, row = self.rows[i]
+        sample_id = f"{self.path}:{lineno}"
+        messages = copy.deepcopy(row["messages"])  # a collator that edits messages must not edit ours
+        images = [load_image(self.path.parent / ref, sample_id, ref) for ref in image_refs(messages)]
+        return {"id": sample_id, "messages": messages, "images": images}
