@@ -14,6 +14,8 @@ COMMANDS = {
     "validate": "stabguard.cli.validate",
     "plugins": "stabguard.cli.plugins",
     "data": "stabguard.cli.data",
+    "monitor": "stabguard.cli.monitor",
+    "report": "stabguard.cli.report",
 }
 
 

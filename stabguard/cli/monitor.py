@@ -1,0 +1,215 @@
+"""``stabguard monitor OUTPUT_DIR``: watch a run from a second terminal, or check it once from a script.
+
+The source note's monitor script as a tool for any Hugging Face run: last step, loss trend, pre/post-clip
+grad norm against the note's thresholds (below 1 fine, above 10 trouble), learning rate, skipped steps,
+alerts and ETA, read from ``trainer_state.json`` (the newest checkpoint's while training) and
+``events.jsonl``. ``--once`` prints plain text and sets the exit code: 0 healthy (warnings included),
+1 unhealthy, 2 nothing to read yet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import click
+
+from stabguard.diagnosis import (
+    FINE_BELOW,
+    Diagnosis,
+    alert_threshold,
+    brief,
+    clip_value,
+    diagnose,
+    grad_norms,
+    losses,
+    num,
+)
+from stabguard.trainer_state import RunState, TrainerStateError, TrainerStateReader
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_NO_STATE = 0, 1, 2
+SPARK = "▁▂▃▄▅▆▇█"
+STYLES = {"ok": "green", "warn": "yellow", "trouble": "bold red"}
+
+
+@dataclass
+class Row:
+    label: str
+    text: str
+    severity: str = "ok"
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    """The last ``width`` values as block characters; a non-finite value shows as "!"."""
+    values = values[-width:]
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "!" * len(values)
+    low, high = min(finite), max(finite)
+    scale = (len(SPARK) - 1) / (high - low) if high > low else 0.0
+    return "".join(SPARK[round((v - low) * scale)] if math.isfinite(v) else "!" for v in values)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def seconds_per_step(run: RunState, recent: int = 10) -> float | None:
+    """From the latest (step, time) pairs: events with a step and checkpoint save times."""
+    pairs = run.step_times[-recent:]
+    if len(pairs) < 2 or pairs[-1][0] <= pairs[0][0]:
+        return None
+    return (pairs[-1][1] - pairs[0][1]) / (pairs[-1][0] - pairs[0][0])
+
+
+def progress_rows(run: RunState) -> list[Row]:
+    total = f" / {run.max_steps} ({100 * run.global_step / run.max_steps:.0f}%)" if run.max_steps else ""
+    rows = [Row("step", f"{run.global_step}{total}")]
+    if run.events_of("stop"):
+        rows.append(Row("ETA", "stopped", "trouble"))
+    elif run.finished:
+        runtime = run.summary.get("train_runtime") if run.summary else None
+        rows.append(Row("ETA", f"finished{f' in {duration(runtime)}' if runtime else ''}"))
+    else:
+        rate = seconds_per_step(run)
+        left = (run.max_steps - run.global_step) * rate if rate and run.max_steps else None
+        rows.append(Row("ETA", f"{duration(left)} ({rate:.2f} s/step)" if left is not None else "unknown yet"))
+    return rows
+
+
+def loss_row(run: RunState) -> Row:
+    points = losses(run)
+    if not points:
+        return Row("loss", "none logged yet", "warn")
+    values = [v for _, v in points]
+    finite = [v for v in values if math.isfinite(v)]
+    trend = f"{num(finite[0])} → {num(finite[-1])}" if finite else "no finite value"
+    severity = "ok" if math.isfinite(values[-1]) else "trouble"
+    return Row("loss", f"{num(values[-1])}  {sparkline(values)}  {trend}", severity)
+
+
+def grad_norm_row(run: RunState) -> Row:
+    norms = grad_norms(run)
+    if not norms:
+        return Row("grad norm", "none logged yet", "warn")
+    step, pre = norms[-1]
+    post = dict(run.column("stabguard/grad_norm_post_clip")).get(step)
+    alert, clip = alert_threshold(run), clip_value(run)
+    parts = [f"pre-clip {num(pre)}"] + ([f"post-clip {num(post)}"] if post is not None else [])
+    parts.append(f"clip {clip:g}" if clip else "no clip")
+    severity = "trouble" if not math.isfinite(pre) or pre > alert else "warn" if pre > FINE_BELOW else "ok"
+    limits = f"fine < {FINE_BELOW:g}, trouble > {alert:g}"
+    return Row("grad norm", f"{', '.join(parts)} (step {step}; {limits})", severity)
+
+
+def lr_row(run: RunState) -> Row:
+    points = [(s, v) for s, v in run.column("learning_rate") if math.isfinite(v)]
+    if not points:
+        return Row("lr", "none logged")
+    peak_step, peak = max(points, key=lambda p: p[1])
+    phase = "warming up" if points[-1][0] == peak_step and len(points) > 1 else "decaying" if points[-1][1] < peak else "flat"
+    return Row("lr", f"{points[-1][1]:.2e} ({phase}; peak {peak:.2e} at step {peak_step})")
+
+
+def event_rows(run: RunState, last: int = 3) -> list[Row]:
+    skips = run.events_of("skip")
+    counted = max((v for _, v in run.column("stabguard/skipped_steps")), default=0)
+    count = len(skips) if run.events else int(counted)  # the counter also counts a stop's dropped step
+    where = f" (last at step {skips[-1].get('step')})" if skips else ""
+    rows = [Row("skipped", f"{count} step{'s' if count != 1 else ''}{where}", "warn" if count else "ok")]
+    alerts = run.events_of("alert", "rollback", "stop")
+    counts = [f"{len(run.events_of(k))} {k}{'s' if len(run.events_of(k)) > 1 else ''}"
+              for k in ("alert", "rollback", "stop") if run.events_of(k)]
+    rows.append(Row("alerts", ", ".join(counts) or "none", "warn" if alerts else "ok"))
+    rows += [Row("", f"step {e.get('step')}: [{e.get('guard')}] {brief(e.get('message', ''))}", "warn")
+             for e in alerts[-last:]]
+    return rows
+
+
+def snapshot(run: RunState, diagnosis: Diagnosis, now: float | None = None) -> tuple[str, list[Row]]:
+    """A title and the rows both views show."""
+    age = f", updated {duration((now or time.time()) - run.updated)} ago" if run.updated else ""
+    source = run.source.relative_to(run.output_dir) if run.source.is_relative_to(run.output_dir) else run.source
+    title = f"stabguard monitor: {run.output_dir} ({source}{age})"
+    rows = [Row("status", diagnosis.health.upper(), diagnosis.health), *progress_rows(run), loss_row(run),
+            grad_norm_row(run), lr_row(run), *event_rows(run)]
+    rows += [Row("diagnosis" if i == 0 else "", f"[{f.severity}] {f.text}", f.severity)
+             for i, f in enumerate(diagnosis.findings)]
+    return title, rows
+
+
+def plain_text(title: str, rows: list[Row]) -> str:
+    width = max(len(r.label) for r in rows)
+    return "\n".join([title, *(f"{r.label:<{width}}  {r.text}" for r in rows)])
+
+
+def rich_view(title: str, rows: list[Row], note: str | None = None):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, show_header=False, box=None, title_justify="left", expand=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for row in rows:
+        table.add_row(row.label, Text(row.text, style=STYLES.get(row.severity, "")))
+    if note:
+        table.caption = note
+    return table
+
+
+def watch(reader: TrainerStateReader, interval: float, console=None) -> int:
+    """Refresh in place until the run finishes or stops (or Ctrl-C); returns the exit code."""
+    from rich.console import Console
+    from rich.live import Live
+
+    code = EXIT_NO_STATE
+    with Live(console=console or Console(), auto_refresh=False) as live:
+        try:
+            while True:
+                view, run, code = _read_view(reader)
+                live.update(view, refresh=True)
+                if run is not None and (run.finished or run.events_of("stop")):
+                    return code
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return code
+
+
+def _read_view(reader: TrainerStateReader):
+    try:
+        run = reader.read()
+    except TrainerStateError as exc:
+        from rich.text import Text
+
+        return Text(f"waiting: {exc}"), None, EXIT_NO_STATE
+    diagnosis = diagnose(run)
+    note = f"last read failed, showing the previous one: {reader.last_error}" if reader.last_error else None
+    view = rich_view(*snapshot(run, diagnosis), note=note)
+    return view, run, EXIT_UNHEALTHY if diagnosis.health == "trouble" else EXIT_OK
+
+
+@click.command("monitor")
+@click.argument("output_dir", type=click.Path(exists=True))
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="seconds between refreshes")
+@click.option("--once", is_flag=True, help="print one plain-text snapshot; exit 1 if unhealthy, 2 if nothing to read")
+def command(output_dir, interval, once):
+    """Watch a training run's OUTPUT_DIR (any Hugging Face Trainer run; stabguard events when present).
+
+    Thresholds from the source note: pre-clip grad norm below 1 is fine, above 10 is trouble
+    (the grad_norm guard's own alert line when its alerts name one).
+    """
+    reader = TrainerStateReader(output_dir)
+    if not once:
+        raise SystemExit(watch(reader, interval))
+    try:
+        run = reader.read()
+    except TrainerStateError as exc:
+        click.echo(f"stabguard monitor: {exc}", err=True)
+        raise SystemExit(EXIT_NO_STATE) from None
+    diagnosis = diagnose(run)
+    click.echo(plain_text(*snapshot(run, diagnosis)))
+    raise SystemExit(EXIT_UNHEALTHY if diagnosis.health == "trouble" else EXIT_OK)
