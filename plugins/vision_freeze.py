@@ -1,76 +1,224 @@
-"""vision_freeze: freeze the vision tower (and projector) after PEFT wrapping, then audit it.
+"""vision_freeze: freeze the vision tower (and projector) after PEFT wrapping, then prove it stayed frozen.
 
-The source note froze by substring ("vision" in the parameter name). Here the tower is found from the
-model's structure: the module the model exposes for its vision config (``.visual`` on Qwen-VL). The
-audit then proves no trainable parameter and no LoRA adapter is left under it.
+The source note froze by substring ("vision" or "visual" in a parameter name). That misses a tower
+named otherwise (``encoder``, ``image_tower``), misses a projector beside the tower
+(``multi_modal_projector``) and freezes anything that happens to contain the word. Here the tower is
+the module built from the model's own ``config.vision_config``; names are only a fallback. The audit
+then checks no trainable parameter or LoRA adapter is left under it, and, before the first update,
+that none of its parameters reached the optimizer.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from stabguard import GuardError, GuardOptions, hookimpl
+from stabguard import GuardError, GuardOptions, Verdict, hookimpl
 
 NAME = "vision_freeze"
-TOWER_ATTRIBUTES = ("visual", "vision_tower", "vision_model")
-PROJECTOR_ATTRIBUTES = ("merger", "deepstack_merger_list", "multi_modal_projector")
+TOWER_ATTRIBUTES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_tower")
+PROJECTOR_ATTRIBUTES = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector")
+COMPONENTS = ("vision", "projector", "language model", "lm_head")
 
 
 class Options(GuardOptions):
-    train_projector: bool = Field(default=False, description="keep the projector/mergers trainable")
+    train_projector: bool = Field(default=False, description=(
+        "leave the projector/mergers as PEFT set them (LoRA on them allowed); false freezes them too"))
     lora_in_vision: Literal["error", "freeze"] = Field(
         default="error", description="LoRA adapters found under the vision tower: refuse, or freeze them")
 
 
-def find_vision_tower(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
-    """The vision tower's qualified name and module, found through the model's own attributes."""
+def under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@dataclass
+class Layout:
+    """Qualified module names of the model's parts, as ``named_parameters`` spells them."""
+
+    tower: str
+    projector: list[str] = field(default_factory=list)
+    lm_head: list[str] = field(default_factory=list)
+
+    def component(self, param_name: str) -> str:
+        if under(param_name, self.projector):
+            return "projector"
+        if under(param_name, [self.tower]):
+            return "vision"
+        return "lm_head" if under(param_name, self.lm_head) else "language model"
+
+    def frozen_prefixes(self, train_projector: bool) -> tuple[list[str], list[str]]:
+        """(prefixes to freeze, prefixes exempt inside them)."""
+        if train_projector:
+            return [self.tower], list(self.projector)
+        return [self.tower, *self.projector], []
+
+
+def _qualified(model: torch.nn.Module, target: torch.nn.Module | None) -> str | None:
+    return next((name for name, module in model.named_modules() if module is target), None) if target is not None else None
+
+
+def _tower_by_config(model: torch.nn.Module) -> str | None:
+    """The shallowest submodule built from ``config.vision_config`` (the same object, else the same class)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision_config = getattr(getattr(base, "config", None), "vision_config", None)
+    if vision_config is None:
+        return None
+    found = [(name, getattr(m, "config", None) is vision_config) for name, m in model.named_modules()
+             if name and isinstance(getattr(m, "config", None), type(vision_config))]
+    found.sort(key=lambda item: (not item[1], item[0].count(".")))
+    return found[0][0] if found else None
+
+
+def _tower_by_name(model: torch.nn.Module) -> str | None:
     for name, module in model.named_modules():
         for attr in TOWER_ATTRIBUTES:
-            tower = getattr(module, attr, None)
-            if isinstance(tower, torch.nn.Module):
-                return (f"{name}.{attr}" if name else attr), tower
-    raise GuardError(f"{NAME}: no vision tower found on {type(model).__name__} "
-                     f"(looked for a submodule named {', '.join(TOWER_ATTRIBUTES)})")
+            if isinstance(module._modules.get(attr), torch.nn.Module):
+                return f"{name}.{attr}" if name else attr
+    return None
 
 
-def projector_prefixes(tower_name: str, tower: torch.nn.Module) -> list[str]:
-    return [f"{tower_name}.{attr}" for attr in PROJECTOR_ATTRIBUTES if hasattr(tower, attr)]
+def find_layout(model: torch.nn.Module) -> Layout:
+    """Where the vision tower, projector and lm_head are; GuardError when the model has no tower."""
+    tower = _tower_by_config(model) or _tower_by_name(model)
+    if tower is None:
+        raise GuardError(f"{NAME}: no vision tower found on {type(model).__name__} (no submodule built from "
+                         f"config.vision_config, none named {', '.join(TOWER_ATTRIBUTES)})")
+    parent = tower.rpartition(".")[0]
+    modules = dict(model.named_modules())
+    projector = [f"{owner}.{attr}".lstrip(".") for owner in (tower, parent) for attr in PROJECTOR_ATTRIBUTES
+                 if f"{owner}.{attr}".lstrip(".") in modules]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm_head = [name for name in [_qualified(model, head)] if name]
+    return Layout(tower, projector, lm_head)
+
+
+def is_lora(param_name: str) -> bool:
+    return ".lora_" in param_name
+
+
+def parameter_table(model: torch.nn.Module, layout: Layout | None = None) -> dict[str, dict[str, int]]:
+    """Parameters per component: total, trainable, LoRA (tied weights counted once)."""
+    layout = layout or find_layout(model)
+    table = {c: {"total": 0, "trainable": 0, "lora": 0} for c in (*COMPONENTS, "all")}
+    for name, param in model.named_parameters():
+        n = param_count(param)
+        for row in (table[layout.component(name)], table["all"]):
+            row["total"] += n
+            row["trainable"] += n if param.requires_grad else 0
+            row["lora"] += n if is_lora(name) else 0
+    return table
+
+
+def param_count(param: torch.Tensor) -> int:
+    """Logical parameter count; a 4-bit bitsandbytes tensor stores two values per byte."""
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
+def format_table(table: dict[str, dict[str, int]]) -> str:
+    lines = [f"{'component':<16}{'total':>16}{'trainable':>16}{'LoRA':>14}"]
+    for component, row in table.items():
+        lines.append(f"{component:<16}{row['total']:>16,}{row['trainable']:>16,}{row['lora']:>14,}")
+    return "\n".join(lines)
+
+
+def lora_modules(model: torch.nn.Module, prefixes: list[str], exempt: list[str] = ()) -> list[str]:
+    """Modules under ``prefixes`` (outside ``exempt``) that carry a LoRA adapter."""
+    names = [n.split(".lora_")[0] for n, _ in model.named_parameters()
+             if is_lora(n) and under(n, prefixes) and not under(n, exempt)]
+    return list(dict.fromkeys(names))
+
+
+def trainable_under(model: torch.nn.Module, prefixes: list[str], exempt: list[str] = ()) -> list[str]:
+    """The audit: names of trainable parameters under ``prefixes``, outside ``exempt``."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and under(n, prefixes) and not under(n, exempt)]
+
+
+def guarded_params(model: torch.nn.Module, layout: Layout, train_projector: bool) -> dict[int, str]:
+    """id -> name of every parameter that must stay frozen: the tower, and the projector unless trained."""
+    prefixes, exempt = layout.frozen_prefixes(train_projector)
+    return {id(p): n for n, p in model.named_parameters() if under(n, prefixes) and not under(n, exempt)}
+
+
+def optimizer_leaks(optimizer, guarded: dict[int, str]) -> list[str]:
+    """Names of guarded parameters found in the optimizer's parameter groups."""
+    return [guarded[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in guarded]
+
+
+def lora_message(modules: list[str], tower: str, target_modules) -> str:
+    reach = ('lora.target_modules = "all-linear" reaches into the vision tower' if target_modules == "all-linear"
+             else f"lora.target_modules = {target_modules!r} matches modules of the vision tower")
+    return f"{NAME}: {reach}: LoRA adapters on {len(modules)} modules under {tower} (e.g. {modules[0]})."
+
+
+TEXT_TARGETS = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+LORA_FIX = (f" Name the text projections instead ({TEXT_TARGETS}), or set [guards.vision_freeze] "
+            'lora_in_vision = "freeze" to freeze those adapters.')
+LORA_FROZEN = (' Frozen, as lora_in_vision = "freeze" asks; they still cost memory and compute: name the text '
+               f"projections instead ({TEXT_TARGETS}).")
+
+
+def freeze(model: torch.nn.Module, guarded: dict[int, str]) -> int:
+    """Set ``requires_grad=False`` on the guarded parameters; return how many were trainable."""
+    frozen = 0
+    for param in model.parameters():
+        if id(param) in guarded:
+            frozen += param_count(param) if param.requires_grad else 0
+            param.requires_grad_(False)
+    return frozen
 
 
 class VisionFreezeGuard:
     def __init__(self, options: Options):
         self.options = options
+        self.guarded: dict[int, str] = {}
+        self.optimizer_checked = False
 
     @hookimpl
-    def setup_model(self, model, events):
-        tower_name, tower = find_vision_tower(model)
-        projector = projector_prefixes(tower_name, tower) if self.options.train_projector else []
-        lora = [n for n, _ in model.named_parameters() if n.startswith(tower_name + ".") and "lora_" in n]
-        if lora and self.options.lora_in_vision == "error":
-            raise GuardError(
-                f"{NAME}: {len(lora)} LoRA parameters under the vision tower {tower_name} (e.g. {lora[0]}); "
-                "target_modules reaches into it (\"all-linear\" does). Name the text projections instead, "
-                "or set [guards.vision_freeze] lora_in_vision = \"freeze\".")
-        frozen = 0
-        for name, param in model.named_parameters(prefix=""):
-            if name.startswith(tower_name + ".") and not any(name.startswith(p + ".") for p in projector):
-                frozen += param.numel() if param.requires_grad else 0
-                param.requires_grad_(False)
-        left = audit(model, tower_name, projector)
+    def setup_model(self, model, recipe, events):
+        layout = find_layout(model)
+        frozen_region, exempt = layout.frozen_prefixes(self.options.train_projector)
+        adapters = lora_modules(model, frozen_region, exempt)
+        if adapters:
+            message = lora_message(adapters, layout.tower, getattr(getattr(recipe, "lora", None), "target_modules", None))
+            if self.options.lora_in_vision == "error":
+                raise GuardError(message + LORA_FIX)
+            events.alert(NAME, message + LORA_FROZEN, modules=adapters)
+        self.guarded = guarded_params(model, layout, self.options.train_projector)
+        frozen = freeze(model, self.guarded)
+        left = trainable_under(model, frozen_region, exempt)
         if left:
-            raise GuardError(f"{NAME}: still trainable under {tower_name} after freezing: {left[:3]}")
-        events.record(NAME, "info", f"froze {frozen:,} parameters under {tower_name}"
-                      + (f" (projector kept trainable: {', '.join(projector)})" if projector else ""),
-                      tower=tower_name, frozen_params=frozen, lora_frozen=len(lora))
+            raise GuardError(f"{NAME}: still trainable under {layout.tower} after freezing: {left[:3]}")
+        self._report(model, layout, frozen, len(adapters), events)
 
+    def _report(self, model, layout: Layout, frozen: int, adapters: int, events) -> None:
+        table = parameter_table(model, layout)
+        kept = f"; projector kept as PEFT set it: {', '.join(layout.projector)}" if self.options.train_projector else ""
+        events.record(NAME, "info", f"froze {frozen:,} parameters under {layout.tower}{kept}", tower=layout.tower,
+                      projector=layout.projector, frozen_params=frozen, lora_modules_frozen=adapters, table=table)
+        if self.options.train_projector and layout.projector and table["projector"]["trainable"] == 0:
+            events.alert(NAME, "train_projector = true, but nothing in the projector is trainable: LoRA "
+                         "target_modules do not reach it (add linear_fc1/linear_fc2) and PEFT froze its weights")
+        print(f"stabguard: parameters per component\n{format_table(table)}", file=sys.stderr, flush=True)
 
-def audit(model: torch.nn.Module, tower_name: str, allowed: list[str] = ()) -> list[str]:
-    """Names of trainable parameters under the vision tower outside the ``allowed`` prefixes."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(tower_name + ".")
-            and not any(n.startswith(a + ".") for a in allowed)]
+    @hookimpl
+    def pre_step(self, state):
+        """Before the first update: no parameter of the frozen region may sit in the optimizer."""
+        if self.optimizer_checked or state.optimizer is None:
+            return None
+        self.optimizer_checked = True
+        leaks = optimizer_leaks(state.optimizer, self.guarded)
+        if leaks:
+            return Verdict.stop(f"{len(leaks)} vision-tower parameters are in the optimizer (e.g. {leaks[0]}); "
+                                "a make_optimizer passing model.parameters() includes frozen weights: pass only "
+                                "trainable ones", NAME)
+        return None
 
 
 @hookimpl

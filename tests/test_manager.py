@@ -81,7 +81,7 @@ def test_third_party_entry_point_is_discovered_and_fires(third_party):
     assert plugins.info[third_party].source == "entry point"
     assert plugins.info[third_party].version == "sg-thirdparty 1.2.3"
     assert "counting" in plugins.guards
-    plugins.enable_guards({})
+    plugins.enable_guards({name: spec.options(enabled=name == "counting") for name, spec in plugins.guards.items()})
     plugins.pm.check_pending()
 
     class State:

@@ -14,6 +14,7 @@ COMMANDS = {
     "validate": "stabguard.cli.validate",
     "plugins": "stabguard.cli.plugins",
     "data": "stabguard.cli.data",
+    "check": "stabguard.cli.check",
     "monitor": "stabguard.cli.monitor",
     "report": "stabguard.cli.report",
 }

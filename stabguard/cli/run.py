@@ -31,6 +31,10 @@ def command(recipe, resume):
         click.echo(f"stabguard: STOPPED at {result.stop_reason}", err=True)
         click.echo(f"stabguard: last good state saved under {result.output_dir}; events in "
                    f"{result.output_dir / 'events.jsonl'}", err=True)
+        from stabguard.hints import hints_for
+
+        for hint in hints_for(result.output_dir, result.stop_reason):
+            click.echo(f"stabguard: try: {hint}", err=True)
         raise SystemExit(EXIT_STOPPED)
     click.echo(f"stabguard: done: {result.global_step} steps ({result.skipped_steps} skipped); "
                f"outputs in {result.output_dir}")

@@ -1,0 +1,536 @@
+"""``stabguard check``: every preflight of a recipe, without training and without loading weights.
+
+The source note's advice "check the model files are complete" and its causes (wrong mask, wrong class,
+too high a learning rate, no clipping) cost GPU hours when found by a run. Here they cost seconds:
+the recipe is validated, the model's files and the data are checked on disk, the model is built as a
+skeleton on the ``meta`` device (exact parameter counts, no memory, any size) and wrapped with LoRA,
+the guards' ``configure``/``setup_model`` hooks run on it as in a real run, a sample batch is collated
+and audited by the guards' ``post_collate`` hooks (the mask guard), and the memory the run needs is
+estimated from the configuration with the arithmetic shown. For a hub id that is not a local folder
+nothing is downloaded: the known Qwen3-VL sizes below stand in for its config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stabguard.events import EventLog
+from stabguard.recipe import RecipeError
+from stabguard.verdict import GuardError
+
+GiB = 2**30
+# Qwen3-VL releases (qwen3vl.md): text hidden/layers/heads/kv heads/FFN/tied, vision depth/hidden/FFN/deepstack.
+KNOWN_QWEN3VL = {
+    "2B": (2048, 28, 16, 8, 6144, True, 24, 1024, 4096, [5, 11, 17]),
+    "4B": (2560, 36, 32, 8, 9728, True, 24, 1024, 4096, [5, 11, 17]),
+    "8B": (4096, 36, 32, 8, 12288, False, 27, 1152, 4304, [8, 16, 24]),
+    "32B": (5120, 64, 64, 8, 25600, False, 27, 1152, 4304, [8, 16, 24]),
+}
+
+
+@dataclass
+class Finding:
+    check: str
+    level: str  # ok | info | warn | error
+    message: str
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    recipe: str
+    findings: list[Finding] = field(default_factory=list)
+    parameters: dict | None = None
+    memory: dict | None = None
+    recipe_invalid: bool = False
+
+    def add(self, check: str, level: str, message: str, details: list[str] | None = None) -> Finding:
+        self.findings.append(Finding(check, level, message, list(details or [])))
+        return self.findings[-1]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "ok": not self.errors, "findings": [asdict(f) for f in self.findings],
+                "parameters": self.parameters, "memory": self.memory}
+
+
+# -- model files -----------------------------------------------------------------------------------
+
+def _json(path: Path, problems: list[str]) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        problems.append(f"{path.name}: unreadable ({exc})")
+        return {}
+
+
+REQUIRED_FILES = (("config", ("config.json",)),
+                  ("processor config", ("preprocessor_config.json", "processor_config.json")),
+                  ("tokenizer config", ("tokenizer_config.json",)))
+
+
+def model_file_problems(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(problems, what was found) for a local checkpoint folder: config, processor config, tokenizer,
+    chat template, and every weight shard the index names."""
+    folder, problems, found = Path(folder), [], []
+    present = {p.name for p in folder.iterdir() if p.is_file()}
+    for label, names in REQUIRED_FILES:
+        if present.intersection(names):
+            found.append(label)
+        else:
+            problems.append(f"{' or '.join(names)}: missing ({label})")
+    if "tokenizer.json" not in present and not {"vocab.json", "merges.txt"} <= present:
+        problems.append("tokenizer.json (or vocab.json + merges.txt): missing (tokenizer files)")
+    configs = [_json(folder / n, problems) for n in ("tokenizer_config.json", "processor_config.json")]
+    if present & {"chat_template.jinja", "chat_template.json"} or any(c.get("chat_template") for c in configs):
+        found.append("chat template")
+    else:
+        problems.append("chat_template.jinja: missing (no chat template in chat_template.json, tokenizer_config.json "
+                        "or processor_config.json either): conversations cannot be rendered")
+    return problems + _shard_problems(folder, found), found
+
+
+def _shard_problems(folder: Path, found: list[str]) -> list[str]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            problems: list[str] = []
+            shards = sorted(set(_json(folder / index_name, problems).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file() or (folder / s).stat().st_size == 0]
+            found.append(f"{len(shards) - len(missing)}/{len(shards)} weight shards")
+            return problems + [f"{s}: missing or empty (named in {index_name})" for s in missing]
+    if (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file():
+        found.append("1 weight file")
+        return []
+    return ["model.safetensors (or model.safetensors.index.json and its shards): missing (no weights)"]
+
+
+def check_model_files(recipe, report: Report) -> bool:
+    """True when the model is a local folder whose files are complete."""
+    name = recipe.model.name_or_path
+    if not Path(name).is_dir():
+        report.add("model files", "warn", f"{name} is not a local folder; its files cannot be checked offline "
+                   "(stabguard check downloads nothing): point model.name_or_path at a local snapshot to check them")
+        return False
+    problems, found = model_file_problems(name)
+    if problems:
+        report.add("model files", "error", f"{name}: {len(problems)} missing or broken file(s)", problems)
+        return False
+    report.add("model files", "ok", f"{name}: {', '.join(found)}")
+    return True
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def check_data(recipe, report: Report, rows: int, images: int) -> bool:
+    from stabguard.data import check_images, check_rows
+
+    ok = True
+    for split, path in (("train", recipe.data.train), ("val", recipe.data.val)):
+        if path is None:
+            continue
+        problems = check_rows(path, limit=rows) + check_images(path, sample=images)
+        if problems:
+            ok = False
+            report.add("data", "error", f"{split} {path}: {len(problems)} problem(s)", problems[:20])
+        else:
+            report.add("data", "ok", f"{split} {path}: first {rows} rows valid, up to {images} images decoded")
+    return ok
+
+
+# -- the model skeleton ----------------------------------------------------------------------------
+
+def known_config(name: str):
+    """A Qwen3VLConfig for a known release named in ``name`` (Qwen/Qwen3-VL-32B-Instruct ...), else None."""
+    match = re.search(r"qwen3-vl-(\d+)b(?!-a)", name, re.IGNORECASE)
+    if not match or f"{match.group(1)}B" not in KNOWN_QWEN3VL:
+        return None
+    from transformers import Qwen3VLConfig
+
+    h, layers, heads, kv, ffn, tied, depth, v_h, v_ffn, deepstack = KNOWN_QWEN3VL[f"{match.group(1)}B"]
+    text = dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=ffn, vocab_size=151936, head_dim=128)
+    vision = dict(depth=depth, hidden_size=v_h, intermediate_size=v_ffn, num_heads=16, out_hidden_size=h,
+                  deepstack_visual_indexes=deepstack, num_position_embeddings=2304)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    config.architectures, config.dtype = ["Qwen3VLForConditionalGeneration"], "bfloat16"
+    return config
+
+
+def model_config(recipe, local: bool):
+    if local:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(recipe.model.name_or_path)
+    return known_config(recipe.model.name_or_path)
+
+
+def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
+    """The recipe's model on the meta device, LoRA-wrapped; and its weight counts for the memory estimate."""
+    from stabguard.models import _lora_config, resolve_model_class
+
+    cls = resolve_model_class(recipe.model.model_class)
+    with torch.device("meta"):
+        net = cls.from_config(config) if cls.__name__.startswith("Auto") else cls._from_config(config)
+        counts = weight_counts(net, recipe.quantization)
+        if recipe.lora.enabled:
+            from peft import get_peft_model
+
+            net = get_peft_model(net, _lora_config(recipe.lora))
+    return net, counts
+
+
+def weight_counts(model, quantization) -> dict[str, int]:
+    """Parameters bitsandbytes would quantize (Linear weights outside skip_modules) and the rest."""
+    from stabguard.plugins.vision_freeze import under
+
+    total = sum(p.numel() for p in model.parameters())
+    if not quantization.load_in_4bit:
+        return {"quantized": 0, "other": total}
+    skip = quantization.skip_modules
+    quantized = sum(m.weight.numel() for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not under(n, skip))
+    return {"quantized": quantized, "other": total - quantized}
+
+
+# -- running the guards ----------------------------------------------------------------------------
+
+def call_each(plugins, hook: str, check: str, report: Report, events: EventLog, **kwargs) -> Any:
+    """Call the implementations of ``hook`` one by one, in pluggy's order, so that a refusal or a crash
+    is reported per plugin and the other checks still run. A ``firstresult`` hook stops at the first
+    non-None result, which is returned. Wrappers are left out; an implementation that needs the
+    processor is skipped when there is none (a model that is not local). Findings go under ``check``."""
+    caller = getattr(plugins.hook, hook)
+    first = caller.spec.opts.get("firstresult", False)
+    kwargs["events"] = events
+    for impl in reversed(caller.get_hookimpls()):
+        name = impl.plugin_name.removeprefix("guard:")
+        if impl.hookwrapper or impl.wrapper:
+            continue
+        if "processor" in impl.argnames and kwargs.get("processor", ...) is None:
+            report.add(check, "info", f"{name}: {hook} not run (no processor)")
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except GuardError as exc:
+            report.add(check, "error", str(exc) if str(exc).startswith(f"{name}:") else f"{name}: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a plugin's crash is a finding, not the end of the check
+            report.add(check, "error", f"{name}: {hook} failed: {type(exc).__name__}: {exc}")
+            continue
+        if first and result is not None:
+            return result
+    return None
+
+
+KIND_LEVEL = {"alert": "warn", "finding": "warn", "skip": "warn", "drop": "warn", "stop": "error"}
+
+
+def report_events(events: EventLog, start: int, check: str, report: Report, *, info: bool = True) -> None:
+    """What the guards recorded since ``start``, as findings (alerts and findings as warnings)."""
+    for event in events.events[start:]:
+        level = KIND_LEVEL.get(event["kind"], "info")
+        if level != "info" or info:
+            message = event["message"]
+            report.add(check, level, message if message.startswith(f"{event['guard']}:") else f"{event['guard']}: {message}")
+
+
+def training_args_view(recipe) -> Any:
+    """TrainingArguments' values without building one (that checks the device: a bf16 recipe is fine here)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
+                if f.default is not dataclasses.MISSING}
+    return SimpleNamespace(**{**defaults, **recipe.training_arguments()})
+
+
+def check_optimizer(recipe, model, plugins, report: Report, events: EventLog) -> None:
+    """Build the optimizer the run would (make_optimizer) and audit its groups for vision parameters."""
+    from stabguard.plugins.vision_freeze import find_layout, guarded_params, optimizer_leaks
+
+    args = training_args_view(recipe)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}]
+    start = len(events.events)
+    optimizer = call_each(plugins, "make_optimizer", "optimizer", report, events, model=model, args=args,
+                          param_groups=groups)
+    report_events(events, start, "optimizer", report)
+    if optimizer is None:
+        report.add("optimizer", "ok", "the Trainer's torch AdamW over the trainable parameters only")
+        return
+    options = recipe.guards.get("vision_freeze")
+    train_projector = bool(options and options.train_projector)
+    leaks = optimizer_leaks(optimizer, guarded_params(model, find_layout(model), train_projector))
+    if leaks:
+        report.add("optimizer", "error", f"{type(optimizer).__name__} holds {len(leaks)} vision-tower parameters "
+                   f"(e.g. {leaks[0]}): pass only trainable parameters", leaks[:5])
+    else:
+        report.add("optimizer", "ok", f"{type(optimizer).__name__}: no vision-tower parameter in its groups")
+
+
+def check_parameters(model, report: Report) -> None:
+    from stabguard.plugins.vision_freeze import find_layout, format_table, parameter_table
+
+    try:
+        report.parameters = parameter_table(model, find_layout(model))
+    except GuardError as exc:
+        report.add("parameters", "warn", str(exc))
+        return
+    row = report.parameters["all"]
+    report.add("parameters", "info", f"{row['trainable']:,} of {row['total']:,} parameters trainable "
+               f"({row['lora']:,} LoRA)", format_table(report.parameters).splitlines())
+
+
+# -- label masks of a sample batch -----------------------------------------------------------------
+
+def supervised_spans(labels: torch.Tensor, ignore: int) -> list[list[int]]:
+    """The contiguous supervised runs of one row (one per assistant turn when the mask is right)."""
+    pairs = zip((labels != ignore).tolist(), labels.tolist())
+    return [[i for _, i in run] for kept, run in itertools.groupby(pairs, key=lambda x: x[0]) if kept]
+
+
+def check_masks(recipe, processor, plugins, report: Report, events: EventLog, size: int) -> None:
+    """Collate the first ``size`` conversations as the run would; the guards' post_collate audits them."""
+    from stabguard.collate import IGNORE_INDEX, ChatCollator
+    from stabguard.data import ConversationDataset
+
+    if "mask" not in plugins.guards or plugins.guards["mask"].instance is None:
+        report.add("masks", "warn", "the mask guard is not loaded or not enabled: labels are shown, not audited")
+    data, start = recipe.data, len(events.events)
+    try:
+        dataset = ConversationDataset(data.train)
+        samples = [dataset[i] for i in range(min(size, len(dataset)))]
+        collator = ChatCollator(processor, max_length=data.max_length, truncation=data.truncation,
+                                padding_side=data.padding_side, events=events)
+        call_each(plugins, "pre_collate", "masks", report, events, samples=samples)
+        batch = collator(samples)
+    except ValueError as exc:  # DataError, CollateError
+        report.add("masks", "error", f"collating {data.train}: {exc}")
+        return
+    before = len(report.errors)
+    call_each(plugins, "post_collate", "masks", report, events, batch=batch, samples=collator.last_samples)
+    report_events(events, start, "masks", report, info=False)
+    tokenizer = processor.tokenizer
+    shown = [f"{sid}: " + " | ".join(repr(tokenizer.decode(span, clean_up_tokenization_spaces=False)[:120])
+                                     for span in supervised_spans(labels, IGNORE_INDEX))
+             for sid, labels in zip(collator.last_sample_ids, batch["labels"])]
+    level = "ok" if len(report.errors) == before else "error"
+    report.add("masks", level, f"{len(shown)} samples collated; what the loss sees:", shown)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weight_dtype(recipe, config) -> str:
+    """The dtype weights load in on a GPU: the recipe's, or for "auto" the checkpoint's own."""
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    saved = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    return saved if saved in DTYPE_BYTES else "float32"
+
+
+def trainable_counts(model) -> dict[str, int]:
+    counts = {"lora": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts["lora" if ".lora_" in name else "other"] += p.numel()
+    return counts
+
+
+class Arithmetic(list):
+    """Lines of a memory estimate, each with its arithmetic written out."""
+
+    def add(self, what: str, arithmetic: str, n_bytes: float) -> None:
+        self.append({"what": what, "arithmetic": arithmetic, "gib": round(n_bytes / GiB, 3)})
+
+
+def weight_lines(out: Arithmetic, q, weights: dict[str, int], wd: str) -> None:
+    if not q.load_in_4bit:
+        out.add(f"weights ({wd})", f"{weights['other']:,} x {DTYPE_BYTES[wd]} B", weights["other"] * DTYPE_BYTES[wd])
+        return
+    bits = 4.127 if q.double_quant else 4.5  # 4 bits + absmax per 64 (fp32, or 8-bit + fp32 per 256 blocks)
+    out.add(f"4-bit {q.quant_type} weights", f"{weights['quantized']:,} x {bits} bits / 8", weights["quantized"] * bits / 8)
+    out.add("unquantized weights, fp32 after prepare_model_for_kbit_training", f"{weights['other']:,} x 4 B",
+            weights["other"] * 4)
+
+
+def trainable_lines(out: Arithmetic, trainable: dict[str, int], wb: int, eight_bit: bool) -> None:
+    """LoRA adapters are fp32 (peft upcasts them); AdamW keeps two states per parameter, 8-bit Adam 1 byte each."""
+    if trainable["lora"]:
+        sb = 2 if eight_bit else 8
+        out.add("LoRA adapters (fp32): weight + grad + optimizer state", f"{trainable['lora']:,} x (4 + 4 + {sb}) B",
+                trainable["lora"] * (8 + sb))
+    if trainable["other"]:
+        sb = 2 if eight_bit else 2 * wb
+        out.add("trainable base weights: grad + optimizer state", f"{trainable['other']:,} x ({wb} + {sb}) B",
+                trainable["other"] * (wb + sb))
+
+
+def activation_lines(out: Arithmetic, text, b: int, seq: int, a: int, checkpointing: bool) -> None:
+    """Rough: per layer and token about 12 hidden + 5 FFN widths are kept (attention, MLP, LoRA dropout
+    copies); with checkpointing only each layer's input, plus one layer being recomputed."""
+    h, layers, ffn, vocab = text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size
+    per_layer = f"{b} x {seq} x (12 x {h} + 5 x {ffn}) x {a} B"
+    if checkpointing:
+        out.add("activations, checkpointed: layer inputs + one layer recomputed",
+                f"{layers} x {b} x {seq} x {h} x {a} B + {per_layer}", b * seq * a * (layers * h + 12 * h + 5 * ffn))
+    else:
+        out.add("activations (no gradient checkpointing)", f"{layers} layers x {per_layer}",
+                layers * b * seq * a * (12 * h + 5 * ffn))
+    out.add("logits and loss (fp32 upcast)", f"{b} x {seq} x {vocab} x ({a} + 4 + 4) B", b * seq * vocab * (a + 8))
+
+
+def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str, int], gpu_mem: float) -> dict:
+    """GPU memory of one rank: weights, trainable state, activations, logits, CUDA context; arithmetic shown."""
+    t, q, wd = training_args_view(recipe), recipe.quantization, weight_dtype(recipe, config)
+    a = 2 if (t.bf16 or t.fp16 or DTYPE_BYTES[wd] == 2 or (q.load_in_4bit and q.compute_dtype != "float32")) else 4
+    b, seq = t.per_device_train_batch_size, recipe.data.max_length or 2048
+    checkpointing = bool(t.gradient_checkpointing or getattr(t, "activation_checkpointing", False))
+    out = Arithmetic()
+    weight_lines(out, q, weights, wd)
+    trainable_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"))
+    activation_lines(out, getattr(config, "text_config", config), b, seq, a, checkpointing)
+    out.add("CUDA context and workspace", "a fixed allowance", GiB)
+    total = round(sum(x["gib"] for x in out), 2)
+    return {"lines": list(out), "total_gib": total, "gpu_mem_gib": gpu_mem, "batch": b, "seq": seq,
+            "checkpointing": checkpointing}
+
+
+def _enabled(recipe, guard: str) -> bool:
+    options = recipe.guards.get(guard)
+    return bool(options is not None and options.enabled)
+
+
+def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Report) -> None:
+    report.memory = memory = estimate_memory(recipe, config, weights, trainable, gpu_mem)
+    details = [f"{x['what']}: {x['arithmetic']} = {x['gib']:.2f} GiB" for x in memory["lines"]]
+    total = memory["total_gib"]
+    summary = f"about {total:.1f} GiB per GPU (batch {memory['batch']} x {memory['seq']} tokens) against --gpu-mem {gpu_mem:g} GiB"
+    if total > gpu_mem:
+        fixes = "" if memory["checkpointing"] else "gradient_checkpointing = true, "
+        fixes += "" if recipe.quantization.load_in_4bit else "quantization.load_in_4bit = true, "
+        report.add("memory", "error", f"{summary}: does not fit; try {fixes}a smaller batch or data.max_length", details)
+    else:
+        report.add("memory", "warn" if total > 0.9 * gpu_mem else "ok", summary, details)
+
+
+# -- learning rate and clipping --------------------------------------------------------------------
+
+def lr_limits(total: int, lora: bool) -> tuple[float, float]:
+    """(fine up to, error above). LoRA on Qwen3-VL: LLaMA-Factory and ms-swift use 1e-4; the note's
+    32B run exploded at 5e-4. Full fine-tuning: Qwen's own scripts use 1e-5."""
+    if not lora:
+        return 2e-5, 1e-4
+    return (1e-4, 2e-4) if total >= 20e9 else (2e-4, 5e-4)
+
+
+def check_learning_rate(recipe, total: int | None, report: Report) -> None:
+    t = training_args_view(recipe)
+    lr, lora = t.learning_rate, recipe.lora.enabled
+    if total is None or total < 5e8:
+        size = f"{total / 1e6:.2f}M-parameter" if total else "unknown-size"
+        report.add("learning rate", "info", f"learning_rate {lr:g}: not judged for a {size} model (no reference below 0.5B)")
+    else:
+        fine, bad = lr_limits(total, lora)
+        kind = "LoRA" if lora else "full fine-tuning"
+        level = "ok" if lr <= fine else "warn" if lr <= bad else "error"
+        advice = "" if level == "ok" else f"; lower it to {fine:g} or less (the note: 5e-4 exploded on 32B, 1e-4 after the fix)"
+        report.add("learning rate", level, f"learning_rate {lr:g} for {kind} of a {total / 1e9:.1f}B model: "
+                   f"references stay at or below {fine:g}{advice}")
+    if not t.max_grad_norm:
+        report.add("clipping", "warn", "training.max_grad_norm = 0: no gradient clipping (one of the note's "
+                   "causes); set 1.0, or 0.3 as the note did")
+    if not t.warmup_steps:
+        report.add("warm-up", "info", "no warm-up: the note's fix warms up over 10% (warmup_steps = 0.1)")
+
+
+# -- the whole preflight ---------------------------------------------------------------------------
+
+def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64, images: int = 32,
+              batch: int = 4, plugins=None) -> Report:
+    """Every check of a recipe; read the result from ``report.findings`` (errors make ``stabguard check`` fail)."""
+    from stabguard.runner import prepare
+
+    report = Report(str(recipe_path))
+    try:
+        recipe, plugins = prepare(recipe_path, plugins)
+    except RecipeError as exc:
+        report.recipe_invalid = True
+        report.add("recipe", "error", f"{len(exc.errors)} error(s)", [f"{k}: {m}" for k, m in exc.errors])
+        return report
+    enabled = plugins.enable_guards(recipe.guards)
+    report.add("recipe", "ok", f"valid; guards: {', '.join(enabled) or 'none'}")
+    events = EventLog()
+    call_each(plugins, "configure", "guards", report, events, recipe=recipe)
+    report_events(events, 0, "guards", report)
+    _ensure_assets(recipe)
+    local = check_model_files(recipe, report)
+    data_ok = check_data(recipe, report, rows, images)
+    _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch)
+    return report
+
+
+def _ensure_assets(recipe) -> None:
+    """The tiny model and synthetic data a CPU recipe builds on first use (as ``stabguard run`` would)."""
+    import sys
+
+    from stabguard.models import _ensure_model
+    from stabguard.runner import ensure_data
+
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json
+        _ensure_model(recipe.model)
+        ensure_data(recipe)
+
+
+def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch) -> None:
+    config = model_config(recipe, local)
+    if config is None:
+        report.add("model", "warn", f"{recipe.model.name_or_path}: no local config and not a known Qwen3-VL size: "
+                   "parameter table, memory and learning-rate checks skipped")
+        return
+    try:
+        model, weights = build_skeleton(recipe, config)
+    except ValueError as exc:  # a model_class transformers does not have; precision reports it too
+        if not any(str(exc) in f.message for f in report.findings):
+            report.add("model", "error", str(exc))
+        return
+    processor = _processor(recipe) if local else None
+    start = len(events.events)
+    call_each(plugins, "setup_model", "guards", report, events, model=model, processor=processor, recipe=recipe)
+    report_events(events, start, "guards", report)
+    check_parameters(model, report)
+    check_optimizer(recipe, model, plugins, report, events)
+    if processor is None:
+        why = "could not be loaded (see model files)" if local else "is not available offline"
+        report.add("masks", "info", f"not audited: the processor (tokenizer, chat template) {why}")
+    elif not data_ok:
+        report.add("masks", "info", "not audited: the data has errors (see data)")
+    else:
+        check_masks(recipe, processor, plugins, report, events, batch)
+    check_memory(recipe, config, weights, trainable_counts(model), gpu_mem, report)
+    check_learning_rate(recipe, sum(weights.values()), report)
+
+
+def _processor(recipe):
+    from stabguard.models import load_processor
+
+    try:
+        return load_processor(recipe.model)
+    except Exception:  # noqa: BLE001 - the model-files check has already said what is missing
+        return None

@@ -1,0 +1,47 @@
+"""``stabguard check RECIPE [--gpu-mem 80] [--json]``: every preflight, no training.
+
+Exit codes: 0 when nothing is wrong (warnings allowed), 1 on any error, 2 when the recipe itself is
+invalid (as ``stabguard validate``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+MARKS = {"ok": "ok", "info": "--", "warn": "WARN", "error": "ERROR"}
+EXIT_ERRORS, EXIT_RECIPE = 1, 2
+
+
+def render(report) -> str:
+    """The report for a person: one line per finding, its details indented under it."""
+    lines = [f"stabguard check {report.recipe}"]
+    for f in report.findings:
+        lines.append(f"{MARKS[f.level]:>6}  {f.check}: {f.message}")
+        lines += [f"{'':8}  {detail}" for detail in f.details]
+    errors = len(report.errors)
+    warnings = sum(f.level == "warn" for f in report.findings)
+    lines.append(f"{errors} error(s), {warnings} warning(s)" + ("" if errors else ": ready to run"))
+    return "\n".join(lines)
+
+
+@click.command("check")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--gpu-mem", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True,
+              help="GiB of memory per GPU the run will have (80 for an H100/A100 80GB)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (for scripts)")
+@click.option("--rows", type=click.IntRange(min=1), default=64, show_default=True, help="data rows checked per file")
+@click.option("--images", type=click.IntRange(min=0), default=32, show_default=True, help="images decoded per file")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+              help="conversations collated for the label-mask audit")
+def command(recipe, gpu_mem, as_json, rows, images, batch):
+    """Check a recipe before spending GPU hours: model files, data, label masks, parameters, memory, LR."""
+    from stabguard.check import preflight
+
+    report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch)
+    click.echo(json.dumps(report.as_json(), indent=1) if as_json else render(report))
+    if report.recipe_invalid:
+        raise SystemExit(EXIT_RECIPE)
+    if report.errors:
+        raise SystemExit(EXIT_ERRORS)

@@ -1,0 +1,100 @@
+"""``stabguard check``: each failure mode on real files, the tiny recipe passing, the 32B arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from support import tiny_recipe, write_recipe
+
+from stabguard.check import model_file_problems
+from stabguard.cli.check import command
+
+HUB_32B = "Qwen/Qwen3-VL-32B-Instruct"
+
+
+def check(tmp_path, assets, *args, training=None, **top):
+    recipe = tiny_recipe(assets, tmp_path / "out", training=training)
+    for section, values in top.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    result = CliRunner().invoke(command, [str(write_recipe(tmp_path / "recipe.toml", recipe)), *args])
+    return result.exit_code, result.output
+
+
+def as_json(tmp_path, assets, *args, **kwargs) -> dict:
+    code, output = check(tmp_path, assets, "--json", *args, **kwargs)
+    return json.loads(output[output.index("{"):])  # stderr notes (a tiny model being built) come first
+
+
+def copy_model(tmp_path, assets):
+    return shutil.copytree(assets["model"], tmp_path / "model")
+
+
+def test_the_tiny_recipe_passes_and_shows_table_masks_memory(tmp_path, tiny_assets):
+    code, output = check(tmp_path, tiny_assets)
+    assert code == 0, output
+    assert "what the loss sees" in output and "<|im_end|>" in output
+    assert "language model" in output and "= " in output and "GiB" in output
+    report = as_json(tmp_path, tiny_assets)
+    assert report["ok"] and report["parameters"]["vision"]["trainable"] == 0
+    assert report["parameters"]["all"]["trainable"] == report["parameters"]["all"]["lora"] > 0
+    assert {f["check"] for f in report["findings"]} >= {"recipe", "model files", "data", "masks", "memory"}
+
+
+def test_a_missing_shard_is_named(tmp_path, tiny_assets):
+    model = copy_model(tmp_path, tiny_assets)
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
+                                            "model.visual.pos_embed.weight": "model-00001-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, output = check(tmp_path, {**tiny_assets, "model": model})
+    assert code == 1
+    assert "model-00002-of-00002.safetensors: missing or empty (named in model.safetensors.index.json)" in output
+    assert "model-00001" not in output.split("model-00002")[0]  # the shard that is there is not reported
+
+
+def test_a_missing_chat_template_is_an_error(tmp_path, tiny_assets):
+    model = copy_model(tmp_path, tiny_assets)
+    (model / "chat_template.jinja").unlink()
+    problems, _ = model_file_problems(model)
+    assert len(problems) == 1 and problems[0].startswith("chat_template.jinja: missing")
+    code, output = check(tmp_path, {**tiny_assets, "model": model})
+    assert code == 1 and "chat_template.jinja: missing" in output
+
+
+def test_a_corrupt_image_is_named_with_its_row(tmp_path, tiny_assets):
+    data = shutil.copytree(tiny_assets["train"].parent, tmp_path / "data")
+    row = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    image = next(item["image"] for m in row["messages"] if isinstance(m["content"], list)
+                 for item in m["content"] if item["type"] == "image")
+    (data / image).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, output = check(tmp_path, {**tiny_assets, "train": data / "train.jsonl"})
+    assert code == 1 and f"image {image}" in output and "train.jsonl:1" in output and "cannot be decoded" in output
+
+
+def test_32b_from_the_builtin_sizes_bad_lr_and_the_weights_arithmetic(tmp_path, tiny_assets):
+    report = as_json(tmp_path, tiny_assets, training={"learning_rate": 5e-4, "gradient_checkpointing": True},
+                     model={"name_or_path": HUB_32B}, quantization={"load_in_4bit": True}, lora={"r": 16, "alpha": 32})
+    by_check = {f["check"]: f for f in report["findings"]}
+    assert by_check["model files"]["level"] == "warn" and "cannot be checked offline" in by_check["model files"]["message"]
+    assert by_check["learning rate"]["level"] == "error" and "0.0005" in by_check["learning rate"]["message"]
+    base = report["parameters"]["all"]["total"] - report["parameters"]["all"]["lora"]
+    assert base == pytest.approx(33.36e9, rel=0.002)  # the published Qwen3-VL-32B count
+    assert report["parameters"]["all"]["lora"] == pytest.approx(134.2e6, rel=0.005)  # qwen3vl.md: r=16 on 7 projections
+    weights = sum(line["gib"] for line in report["memory"]["lines"] if "weights" in line["what"])
+    assert 22 <= weights <= 23.5  # qwen3vl.md: NF4 + fp32-upcast rest ~22-23 GiB before activations
+
+
+def test_too_little_memory_fails_with_the_arithmetic(tmp_path, tiny_assets):
+    code, output = check(tmp_path, tiny_assets, "--gpu-mem", "0.5")
+    assert code == 1 and "does not fit" in output and "against --gpu-mem 0.5 GiB" in output
+    assert "CUDA context and workspace" in output and "logits and loss" in output
+
+
+def test_the_source_notes_model_class_and_an_invalid_recipe(tmp_path, tiny_assets):
+    code, output = check(tmp_path, tiny_assets, model={"model_class": "AutoModelForVision2Seq"})
+    assert code == 1 and "removed in transformers 5" in output and "AutoModelForImageTextToText" in output
+    code, output = check(tmp_path, tiny_assets, training={"warmup_ratio": 0.1})
+    assert code == 2 and "training.warmup_ratio" in output
