@@ -81,6 +81,7 @@ class DataSection(Section):
     truncation: Literal["drop", "error"] = "drop"
     padding_side: Literal["right", "left"] = "right"
     synth: dict[str, Any] | None = None
+    bad_rows: Literal["error", "skip"] = "error"  # skip: leave bad rows/images out, each one an event
 
 
 class Recipe(BaseModel):
@@ -172,8 +173,11 @@ def check_training(training: Any) -> list[tuple[str, str]]:
         errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
     if errors:
         return errors
+    # Values are checked here, not this machine: TrainingArguments refuses bf16 without a bf16 GPU unless
+    # use_cpu is set, which would fail a GPU recipe validated on a laptop. The run itself still checks.
+    device_free = {"use_cpu": True} if training.get("bf16") or training.get("bf16_full_eval") else {}
     try:
-        TrainingArguments(**{**TRAINING_DEFAULTS, **training})
+        TrainingArguments(**{**TRAINING_DEFAULTS, **training, **device_free})
     except (ValueError, TypeError) as exc:
         errors.append(("training", str(exc).strip().splitlines()[0]))
     return errors

@@ -6,6 +6,7 @@ Everything the run decides goes to ``<output_dir>/events.jsonl``; the Trainer wr
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,9 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog):
     from stabguard.trainer import GuardTrainer
 
     ensure_data(recipe)
-    train = ConversationDataset(recipe.data.train)
-    val = ConversationDataset(recipe.data.val) if recipe.data.val else None
+    bad = {"policy": recipe.data.bad_rows, "events": events}
+    train = ConversationDataset(recipe.data.train, **bad)
+    val = ConversationDataset(recipe.data.val, **bad) if recipe.data.val else None
     say(f"{len(train)} training conversations from {recipe.data.train}")
     model, processor = load_model(recipe.model, recipe.lora, recipe.quantization)
     plugins.hook.setup_model(model=model, processor=processor, recipe=recipe, events=events)
@@ -81,13 +83,21 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     recipe, plugins = prepare(recipe_path, plugins)
     enabled = plugins.enable_guards(recipe.guards)
     output_dir = Path(recipe.training["output_dir"])
-    events = EventLog(output_dir / "events.jsonl", on_alert=lambda alert: plugins.hook.on_alert(alert=alert))
+    # Every rank decides the same; only the main process writes the log.
+    path = output_dir / "events.jsonl" if os.environ.get("RANK", "0") == "0" else None
+    events = EventLog(path, on_alert=lambda alert: plugins.hook.on_alert(alert=alert))
     say(f"guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
+    events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled,
+                  max_grad_norm=recipe.training_arguments().get("max_grad_norm", 1.0),
+                  max_steps=recipe.training.get("max_steps"))
     try:
         plugins.hook.configure(recipe=recipe, events=events)
         trainer = build_trainer(recipe, plugins, events)
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()
+        for dataset in (trainer.train_dataset, trainer.eval_dataset):
+            if getattr(dataset, "skipped", None):  # data.bad_rows = "skip": say what was left out
+                say(dataset.summary())
         if trainer.stop_reason is None:
             trainer.save_model()
         return RunResult(output_dir, trainer.stop_reason, trainer.state.global_step, trainer.skipped_steps, trainer)

@@ -15,6 +15,7 @@ COMMANDS = {
     "plugins": "stabguard.cli.plugins",
     "data": "stabguard.cli.data",
     "check": "stabguard.cli.check",
+    "eval": "stabguard.cli.eval",
     "monitor": "stabguard.cli.monitor",
     "report": "stabguard.cli.report",
 }

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from stabguard.data.synth import synth_pcb
-
 
 @click.group(name="data")
 def command() -> None:
@@ -21,11 +19,37 @@ def command() -> None:
               help="Share of boards written to val.jsonl.")
 def synth_pcb_command(out_dir: str, n: int, seed: int, size: int, val_fraction: float) -> None:
     """Synthetic DeepPCB-style boards with six defect classes, as train/val JSONL conversations."""
+    from stabguard.data.synth import synth_pcb
+
     written = synth_pcb(out_dir, n, seed=seed, size=size, val_fraction=val_fraction)
     click.echo(f"wrote {written['images']} images ({size}x{size}) to {written['out_dir']}/images")
     click.echo(f"  train: {written['train']} ({written['train_rows']} rows)")
     if written["val"]:
         click.echo(f"  val:   {written['val']} ({written['val_rows']} rows)")
-    click.echo(f"  annotations: {written['annotations']}")
+    click.echo(f"  annotations: {written['annotations']}; README: {written['readme']}")
     counts = ", ".join(f"{label} {count}" for label, count in written["defects"].items())
     click.echo(f"  defects: {counts}")
+
+
+@command.command(name="import-deeppcb")
+@click.option("--src", required=True, type=click.Path(exists=True, file_okay=False),
+              help="DeepPCB's PCBData folder, or any folder of images with 'x1 y1 x2 y2 type' .txt files.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
+              help="Share of boards for val.jsonl when the source has no test.txt split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Picks the split and the conversation styles.")
+def import_deeppcb_command(src: str, out_dir: str, val_fraction: float, seed: int) -> None:
+    """Real PCB data in: DeepPCB-style annotations to train/val JSONL conversations (images copied)."""
+    from stabguard.data import DataError
+    from stabguard.data.deeppcb import import_deeppcb
+
+    try:
+        written = import_deeppcb(src, out_dir, val_fraction=val_fraction, seed=seed)
+    except DataError as exc:
+        click.echo(f"stabguard data import-deeppcb: {exc}", err=True)
+        raise SystemExit(2) from None
+    split = "test.txt" if written["official_split"] else f"random (seed {seed})"
+    click.echo(f"imported {written['train_rows'] + written['val_rows']} boards into {written['out_dir']} ({split} split)")
+    click.echo(f"  train: {written['train']} ({written['train_rows']} rows)")
+    click.echo(f"  val:   {written['val']} ({written['val_rows']} rows)")
+    click.echo("  defects: " + ", ".join(f"{label} {count}" for label, count in written["defects"].items()))

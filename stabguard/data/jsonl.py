@@ -5,12 +5,16 @@ whole file is parsed up front and every problem is reported at once, each as
 ``path:line: key: message: value`` — enough to open the file at the right line and fix it.
 Images are only checked for existence up front (decoding them all would be slow on a large set);
 ``check_images`` decodes a sample, and ``__getitem__`` names the sample and the file if one is corrupt.
+
+``policy="skip"`` keeps going instead: each bad row (or undecodable image, found on access) is left
+out, counted in ``skipped``, and recorded as a ``data``/``skipped_row`` event naming file:line and why.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,10 +48,19 @@ def _check_item(item: Any, key: str, base: Path) -> Iterator[str]:
     if kind == "text":
         if not isinstance(item.get("text"), str):
             yield f"{key}.text: must be a string, got {_short(item.get('text'))}"
+        elif not item["text"].strip():
+            yield f"{key}.text: empty text"
     elif kind == "image":
         yield from _check_image_ref(item.get("image"), f"{key}.image", base)
     else:
         yield f"{key}.type: must be 'text' or 'image', got {_short(kind)}"
+
+
+def _leaves(base: Path, ref: str) -> bool:
+    """Whether ``ref`` points outside ``base`` (absolute, or ``..`` past it). Lexical, so a symlinked
+    image folder inside the dataset still counts as inside."""
+    joined = os.path.normpath(os.path.join(base, ref))
+    return os.path.isabs(ref) or os.path.commonpath([os.path.normpath(base), joined]) != os.path.normpath(base)
 
 
 def _check_image_ref(ref: Any, key: str, base: Path) -> Iterator[str]:
@@ -55,12 +68,18 @@ def _check_image_ref(ref: Any, key: str, base: Path) -> Iterator[str]:
         yield f"{key}: must be a non-empty path string, got {_short(ref)}"
     elif "://" in ref:
         yield f"{key}: only local files are supported, got URL: {_short(ref)}"
+    elif _leaves(base, ref):
+        yield f"{key}: image path leaves the dataset directory {base}: {ref}"
     elif not (base / ref).is_file():
         yield f"{key}: file not found: {ref}"
+    elif (base / ref).stat().st_size == 0:
+        yield f"{key}: empty file (0 bytes): {ref}"
 
 
 def _check_content(content: Any, key: str, base: Path) -> Iterator[str]:
     if isinstance(content, str):
+        if not content.strip():
+            yield f"{key}: empty text"
         return
     if not isinstance(content, list):
         yield f"{key}: must be a string or a list of items, got {_short(content)}"
@@ -184,16 +203,39 @@ def _raise_problems(path: Path, problems: list[str], max_errors: int | None) -> 
 class ConversationDataset(torch.utils.data.Dataset):
     """Conversations from a JSONL file; item ``i`` is the contract's sample dict.
 
-    Construction raises one ``DataError`` listing every schema problem (at most ``max_errors`` of
-    them). Extra top-level keys of a row (ground truth, say) are kept in ``rows`` but not put in
-    the sample, so the collator sees exactly ``id``, ``messages`` and ``images``.
+    ``policy="error"`` (default): construction raises one ``DataError`` listing every schema problem
+    (at most ``max_errors`` of them), and an image that cannot be decoded raises on access, naming the
+    sample. ``policy="skip"``: bad rows are left out and an undecodable image makes ``__getitem__``
+    serve the next good row instead; each skip is in ``skipped`` (``path:line: reason``) and, with
+    ``events``, a ``data``/``skipped_row`` event. Extra top-level keys of a row (ground truth, say)
+    are kept in ``rows`` but not put in the sample, so the collator sees ``id``, ``messages``, ``images``.
     """
 
-    def __init__(self, path: str | Path, max_errors: int | None = 50):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, max_errors: int | None = 50, policy: str = "error", events: Any = None):
+        if policy not in ("error", "skip"):
+            raise ValueError(f"ConversationDataset: policy={policy!r}; allowed: error, skip")
+        self.path, self.policy, self.events = Path(path), policy, events
         self.rows, problems = _parse(self.path, None)
-        if problems:
+        self.skipped: list[str] = []
+        self._bad: set[int] = set()
+        if problems and (policy == "error" or not self.rows):
             _raise_problems(self.path, problems, max_errors)
+        by_row: dict[str, list[str]] = {}  # one skip per row, with every reason it has
+        for problem in problems:
+            sample, reason = problem.split(": ", 1)
+            by_row.setdefault(sample, []).append(reason)
+        for sample, reasons in by_row.items():
+            self._skip(f"{sample}: {'; '.join(reasons)}")
+
+    def _skip(self, problem: str) -> None:
+        self.skipped.append(problem)
+        if self.events is not None:
+            sample = problem.split(": ", 1)[0]
+            self.events.record("data", "skipped_row", problem, sample=sample, policy=self.policy)
+
+    def summary(self) -> str:
+        """One line for the end of a run: how many rows were skipped, and where the reasons are."""
+        return f"{self.path}: {len(self.skipped)} row(s) skipped (policy skip); each one is a data/skipped_row event"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -202,6 +244,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         return f"{self.path}:{self.rows[i][0]}"
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        for offset in range(len(self.rows)):
+            j = (i + offset) % len(self.rows)
+            if j in self._bad:
+                continue
+            try:
+                return self._load(j)
+            except DataError as exc:
+                if self.policy == "error":
+                    raise
+                self._bad.add(j)
+                self._skip(str(exc))
+        raise DataError(f"{self.path}: no row left whose images decode ({len(self.skipped)} skipped)")
+
+    def _load(self, i: int) -> dict[str, Any]:
         lineno, row = self.rows[i]
         sample_id = f"{self.path}:{lineno}"
         messages = copy.deepcopy(row["messages"])  # a collator that edits messages must not edit ours

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from stabguard.cli.data import command
 from stabguard.data import DEFECT_CLASSES, ConversationDataset, make_board, synth_pcb
+from stabguard.data.synth import INSTRUCTIONS, QUESTIONS, WHERE_FOLLOW_UP
 
 REMOVES_COPPER = {"open", "mousebite", "pin-hole"}
 
@@ -63,6 +64,16 @@ def test_rejects_bad_arguments(tmp_path, kwargs):
         synth_pcb(tmp_path, **kwargs)
 
 
+def _text(content):
+    return content if isinstance(content, str) else " ".join(i["text"] for i in content if i["type"] == "text")
+
+
+def _detection_answers(messages):
+    """Assistant replies that follow a request for boxes (an instruction or the "where" follow-up)."""
+    asks = set(INSTRUCTIONS) | {WHERE_FOLLOW_UP}
+    return [b["content"] for a, b in zip(messages, messages[1:]) if a["role"] == "user" and _text(a["content"]) in asks]
+
+
 def test_rows_validate_and_answers_match_ground_truth(written):
     rows = [json.loads(line) for split in ("train", "val") for line in open(written[split])]
     for split in ("train", "val"):
@@ -71,7 +82,7 @@ def test_rows_validate_and_answers_match_ground_truth(written):
         sample = ds[0]
         assert [im.size for im in sample["images"]] == [(256, 256)]
     for row in rows:
-        first = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
+        (first,) = _detection_answers(row["messages"])  # every row teaches the detection format once
         if row["defects"]:
             count, listed = first.split("\n", 1)
             assert count.startswith(f"Found {len(row['defects'])} defect")
@@ -82,6 +93,36 @@ def test_rows_validate_and_answers_match_ground_truth(written):
     assert any(row["messages"][0]["role"] == "system" for row in rows)
     first_user = [next(m for m in row["messages"] if m["role"] == "user") for row in rows]
     assert len({item["text"] for m in first_user for item in m["content"] if item["type"] == "text"}) >= 3
+
+
+def test_task_styles_answer_whether_how_many_and_which(written):
+    rows = [json.loads(line) for split in ("train", "val") for line in open(written[split])]
+    seen = set()
+    for row in rows:
+        msgs = row["messages"][1:] if row["messages"][0]["role"] == "system" else row["messages"]
+        question = _text(msgs[0]["content"])
+        style = next((s for s, qs in QUESTIONS.items() if question in qs), None)
+        if style is None:
+            assert question in INSTRUCTIONS
+            continue
+        seen.add(style)
+        reply, labels = msgs[1]["content"], [d["label"] for d in row["defects"]]
+        assert msgs[2]["content"] == WHERE_FOLLOW_UP  # "where" always follows
+        if style == "count":
+            assert reply.startswith(f"{len(labels)} defect")
+        elif style == "presence":
+            assert reply.startswith("Yes") == bool(labels)
+        elif labels:
+            assert set(reply.removeprefix("Defect types: ").rstrip(".").split(", ")) == set(labels)
+    assert seen == set(QUESTIONS)
+
+
+def test_readme_describes_the_set(written):
+    text = open(written["readme"]).read()
+    assert "stabguard data synth-pcb" in text and "--n 48 --seed 0" in text
+    assert f"({written['val_rows']} rows)" in text and "bbox_2d" in text
+    for label, count in written["defects"].items():
+        assert f"| {label} | {count} |" in text
 
 
 def _boards(n, seed=7, size=256):
