@@ -3,6 +3,9 @@
 The Hugging Face Trainer's ``logging_nan_inf_filter`` only hides a NaN loss in the logged average while
 the update still writes NaN into the weights. This guard drops the update instead, counts it, and stops
 after ``max_consecutive`` skips in a row, because a skip must never hide a bug forever.
+
+The loss is each rank's own, so ranks can disagree about a step; the core agrees on the most severe
+verdict. The counters follow that agreed verdict (``on_step_end``), so every rank counts the same skips.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 from pydantic import Field
 
 from stabguard import GuardOptions, Verdict, hookimpl
+from stabguard.verdict import Action
 
 NAME = "nonfinite"
 
@@ -20,26 +24,43 @@ class Options(GuardOptions):
     max_consecutive: int = Field(default=5, ge=1, description="skips in a row before the run stops")
 
 
+def cause_of(values: dict[str, float]) -> str | None:
+    """``"loss"``, ``"gradients"``, ``"loss and gradients"``, or None when both are finite."""
+    bad = [label for key, label in (("loss", "loss"), ("grad_norm", "gradients")) if not math.isfinite(values[key])]
+    return " and ".join(bad) or None
+
+
+def decided_by(verdict, name: str) -> bool:
+    """Whether ``name`` is among the guards behind the (agreed) verdict."""
+    return verdict.action != Action.PROCEED and name in (verdict.guard or "").split(",")
+
+
 class NonFiniteGuard:
     def __init__(self, options: Options):
         self.options = options
-        self.consecutive = 0
+        self.consecutive = 0  # agreed non-finite skips in a row
         self.total = 0
 
     @hookimpl
-    def pre_step(self, state):
+    def pre_step(self, state, events):
         values = state.host()
-        bad = [name for name in ("loss", "grad_norm") if not math.isfinite(values[name])]
-        if not bad:
-            self.consecutive = 0
+        cause = cause_of(values)
+        if cause is None:
             return None
-        self.consecutive += 1
-        self.total += 1
-        cause = " and ".join("loss" if b == "loss" else "gradients" for b in bad)
         detail = f"non-finite {cause} (loss={values['loss']}, grad_norm={values['grad_norm']})"
-        if self.consecutive >= self.options.max_consecutive:
-            return Verdict.stop(f"{self.consecutive} consecutive non-finite steps; last: {detail}", NAME)
+        events.record(NAME, "finding", f"step {state.step}: {detail}", step=state.step, cause=cause,
+                      loss=values["loss"], grad_norm=values["grad_norm"], consecutive=self.consecutive + 1)
+        if self.consecutive + 1 >= self.options.max_consecutive:
+            return Verdict.stop(f"{self.consecutive + 1} consecutive non-finite steps; last: {detail}", NAME)
         return Verdict.skip(detail, NAME)
+
+    @hookimpl
+    def on_step_end(self, state):
+        if decided_by(state.verdict, NAME):
+            self.consecutive += 1
+            self.total += 1
+        else:
+            self.consecutive = 0
 
     @hookimpl
     def on_log(self, logs):

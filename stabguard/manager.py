@@ -29,6 +29,8 @@ BUILTIN_PLUGINS = {
     "grad_norm": "stabguard.plugins.grad_norm",
     "nonfinite": "stabguard.plugins.nonfinite",
     "optim8bit": "stabguard.plugins.optim8bit",
+    "spike": "stabguard.plugins.spike",
+    "precision": "stabguard.plugins.precision",
 }
 
 HOOK_NAMES = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "stabguard_spec"))

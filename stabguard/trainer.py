@@ -41,7 +41,7 @@ class StepState:
     loss: torch.Tensor
     model: Any = field(repr=False, default=None)
     optimizer: Any = field(repr=False, default=None)
-    max_norm: float | None = None
+    max_norm: float | torch.Tensor | None = None
     verdict: Verdict = field(default_factory=Verdict.proceed)
     _host: dict[str, float] | None = field(default=None, repr=False)
 
@@ -52,9 +52,18 @@ class StepState:
             self._host = {"grad_norm": values[0], "loss": values[1]}
         return self._host
 
-    def clip_to(self, max_norm: float) -> None:
-        """Ask for the gradients to be clipped to ``max_norm``; the smallest request wins."""
-        self.max_norm = max_norm if self.max_norm is None else min(self.max_norm, max_norm)
+    def clip_to(self, max_norm: float | torch.Tensor) -> None:
+        """Ask for the gradients to be clipped to ``max_norm``; the smallest request wins.
+
+        A 0-dim device tensor (an adaptive threshold) is combined and applied without a host sync.
+        """
+        if self.max_norm is None:
+            self.max_norm = max_norm
+        elif torch.is_tensor(self.max_norm) or torch.is_tensor(max_norm):
+            tensor, other = (self.max_norm, max_norm) if torch.is_tensor(self.max_norm) else (max_norm, self.max_norm)
+            self.max_norm = tensor.clamp(max=other)
+        else:
+            self.max_norm = min(self.max_norm, max_norm)
 
 
 class _GuardedCollator:
@@ -67,7 +76,9 @@ class _GuardedCollator:
         samples = list(samples)
         self.hook.pre_collate(samples=samples, events=self.events)
         batch = self.collator(samples)
-        self.hook.post_collate(batch=batch, samples=samples, events=self.events)
+        # The collator may drop samples (truncation policy); the guards must see the rows of the batch.
+        kept = getattr(self.collator, "last_samples", samples)
+        self.hook.post_collate(batch=batch, samples=kept, events=self.events)
         return batch
 
     def __getattr__(self, name):  # the Trainer inspects collator attributes
@@ -169,7 +180,7 @@ class GuardTrainer(transformers.Trainer):
         # Apply: clip and step, or drop this step's update.
         if state.verdict.action == Action.PROCEED:
             if state.max_norm is not None and params:
-                torch.nn.utils.clip_grads_with_norm_(params, state.max_norm, grad_norm, foreach=True)
+                clip_with_norm(params, state.max_norm, grad_norm)
             self._mark_step_skipped(False)
         else:
             self._drop_update(model, state)
@@ -182,12 +193,14 @@ class GuardTrainer(transformers.Trainer):
         for p in model.parameters():
             p.grad = None
         self._mark_step_skipped(True)
-        if self._tr_loss_at_step_start is not None:
-            # As the Trainer's own NaN filter does: count the step at the running average loss.
+        steps_since_log = self.state.global_step - self._globalstep_last_logged
+        if self._tr_loss_at_step_start is not None and steps_since_log > 0:
+            # The logged loss counts the dropped step at the average of the window's other steps (as the
+            # Trainer's own NaN filter does); alone in its window, its real loss (NaN, ...) is logged.
             before = self._tr_loss_at_step_start
-            self._tr_loss.copy_(before + before / (1 + self.state.global_step - self._globalstep_last_logged))
-        self.skipped_steps += 1
+            self._tr_loss.copy_(before + before / steps_since_log)
         if state.verdict.action == Action.SKIP:
+            self.skipped_steps += 1
             self.events.record(state.verdict.guard or "core", "skip", f"step {state.step} skipped: {state.verdict.reason}",
                                step=state.step, skipped_steps=self.skipped_steps)
 
@@ -219,6 +232,8 @@ class GuardTrainer(transformers.Trainer):
         if "loss" in logs or "grad_norm" in logs:  # training log lines, not the final summary
             logs["stabguard/skipped_steps"] = self.skipped_steps
             self.plugins.hook.on_log(logs=logs, state=self.last_step, events=self.events)
+            # trainer_state.json is only rewritten at checkpoints; this line lets a monitor follow live.
+            self.events.record("core", "log", "", step=self.state.global_step, **logs)
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
@@ -243,6 +258,17 @@ def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+
+
+def clip_with_norm(params: list[torch.Tensor], max_norm: float | torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Scale the gradients to at most ``max_norm`` using the step's norm (no second pass).
+
+    torch's ``clip_grads_with_norm_`` calls ``float(max_norm)``, a host sync for a device tensor; clipping
+    to 1 with ``grad_norm / max_norm`` gives the same coefficient (up to torch's 1e-6 guard) on the device.
+    """
+    if torch.is_tensor(max_norm):
+        max_norm, grad_norm = 1.0, grad_norm / max_norm.to(grad_norm.device)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
 
 
 def agree_across_ranks(verdict: Verdict) -> Verdict:
