@@ -162,6 +162,8 @@ class GuardTrainer(transformers.Trainer):
 
     def _guarded_step(self, model) -> torch.Tensor:
         """Gradients are accumulated: measure once, let the guards decide, apply the verdict."""
+        # fp16 AMP: guards must see true gradients (a no-op otherwise; accelerate's own clip does the same).
+        self.accelerator.unscale_gradients()
         params = [p for p in model.parameters() if p.grad is not None]
         # One fused pass over the gradients; every guard reads this norm.
         grad_norm = global_grad_norm(params)
@@ -210,10 +212,13 @@ class GuardTrainer(transformers.Trainer):
             if hasattr(optimizer, "_is_overflow") and getattr(optimizer, "scaler", None) is None:
                 optimizer._is_overflow = False
             return
+
         def skipped_step(*args, **kwargs):
             # One call only: restore the real step, and tell the Trainer to hold the scheduler.
             del optimizer.step
             optimizer._is_overflow = True
+            if getattr(optimizer, "scaler", None) is not None:
+                optimizer.scaler.update()  # closes the unscale_ of this step, as a skipped AMP step does
 
         optimizer.step = skipped_step
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 import click
 
@@ -37,3 +38,6 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="stabguard")
 def main():
     """Guards that check and act: stable LoRA/QLoRA fine-tuning of vision-language models."""
+    # bitsandbytes warns at import on every CPU machine about an optional 4-bit kernel package; the
+    # precision guard says what really runs on CPU instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
