@@ -28,8 +28,8 @@ from PIL import Image
 
 from stabguard import EventLog
 from stabguard.collate import ChatCollator
-from stabguard.models import build_demo_tokenizer, build_processor, build_qwen_tokenizer
 from stabguard.plugins.mask import MaskGuard, Options
+from stabguard.qwen import build_demo_tokenizer, build_processor, build_qwen_tokenizer
 
 WORDS = ("trace pad via solder copper short open spur mouse bite pin hole board layer edge crack bridge "
          "resistor capacitor connector chip ground plane near left right top bottom the a of is at").split()

@@ -7,7 +7,7 @@ skeleton on the ``meta`` device (exact parameter counts, no memory, any size) an
 the guards' ``configure``/``setup_model`` hooks run on it as in a real run, a sample batch is collated
 and audited by the guards' ``post_collate`` hooks (the mask guard), and the memory the run needs is
 estimated from the configuration with the arithmetic shown. For a hub id that is not a local folder
-nothing is downloaded: the known Qwen3-VL sizes below stand in for its config.
+nothing is downloaded: the known Qwen3-VL sizes in ``stabguard.memory`` stand in for its config.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import contextlib
 import io
 import itertools
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,9 @@ from typing import Any
 import torch
 
 from stabguard.events import EventLog
-from stabguard.recipe import RecipeError
+from stabguard.memory import estimate_memory, known_config, trainable_counts, weight_counts
+from stabguard.recipe import RecipeError, training_args_view
 from stabguard.verdict import GuardError
-
-GiB = 2**30
-# Qwen3-VL releases (qwen3vl.md): text hidden/layers/heads/kv heads/FFN/tied, vision depth/hidden/FFN/deepstack.
-KNOWN_QWEN3VL = {
-    "2B": (2048, 28, 16, 8, 6144, True, 24, 1024, 4096, [5, 11, 17]),
-    "4B": (2560, 36, 32, 8, 9728, True, 24, 1024, 4096, [5, 11, 17]),
-    "8B": (4096, 36, 32, 8, 12288, False, 27, 1152, 4304, [8, 16, 24]),
-    "32B": (5120, 64, 64, 8, 25600, False, 27, 1152, 4304, [8, 16, 24]),
-}
 
 
 @dataclass
@@ -151,23 +142,6 @@ def check_data(recipe, report: Report, rows: int, images: int) -> bool:
 
 # -- the model skeleton ----------------------------------------------------------------------------
 
-def known_config(name: str):
-    """A Qwen3VLConfig for a known release named in ``name`` (Qwen/Qwen3-VL-32B-Instruct ...), else None."""
-    match = re.search(r"qwen3-vl-(\d+)b(?!-a)", name, re.IGNORECASE)
-    if not match or f"{match.group(1)}B" not in KNOWN_QWEN3VL:
-        return None
-    from transformers import Qwen3VLConfig
-
-    h, layers, heads, kv, ffn, tied, depth, v_h, v_ffn, deepstack = KNOWN_QWEN3VL[f"{match.group(1)}B"]
-    text = dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                intermediate_size=ffn, vocab_size=151936, head_dim=128)
-    vision = dict(depth=depth, hidden_size=v_h, intermediate_size=v_ffn, num_heads=16, out_hidden_size=h,
-                  deepstack_visual_indexes=deepstack, num_position_embeddings=2304)
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
-    config.architectures, config.dtype = ["Qwen3VLForConditionalGeneration"], "bfloat16"
-    return config
-
-
 def model_config(recipe, local: bool):
     if local:
         from transformers import AutoConfig
@@ -178,7 +152,7 @@ def model_config(recipe, local: bool):
 
 def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
     """The recipe's model on the meta device, LoRA-wrapped; and its weight counts for the memory estimate."""
-    from stabguard.models import _lora_config, resolve_model_class
+    from stabguard.models import lora_config, resolve_model_class
 
     cls = resolve_model_class(recipe.model.model_class)
     with torch.device("meta"):
@@ -187,21 +161,8 @@ def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
         if recipe.lora.enabled:
             from peft import get_peft_model
 
-            net = get_peft_model(net, _lora_config(recipe.lora))
+            net = get_peft_model(net, lora_config(recipe.lora))
     return net, counts
-
-
-def weight_counts(model, quantization) -> dict[str, int]:
-    """Parameters bitsandbytes would quantize (Linear weights outside skip_modules) and the rest."""
-    from stabguard.plugins.vision_freeze import under
-
-    total = sum(p.numel() for p in model.parameters())
-    if not quantization.load_in_4bit:
-        return {"quantized": 0, "other": total}
-    skip = quantization.skip_modules
-    quantized = sum(m.weight.numel() for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and not under(n, skip))
-    return {"quantized": quantized, "other": total - quantized}
 
 
 # -- running the guards ----------------------------------------------------------------------------
@@ -245,18 +206,6 @@ def report_events(events: EventLog, start: int, check: str, report: Report, *, i
         if level != "info" or info:
             message = event["message"]
             report.add(check, level, message if message.startswith(f"{event['guard']}:") else f"{event['guard']}: {message}")
-
-
-def training_args_view(recipe) -> Any:
-    """TrainingArguments' values without building one (that checks the device: a bf16 recipe is fine here)."""
-    import dataclasses
-    from types import SimpleNamespace
-
-    from transformers import TrainingArguments
-
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
-                if f.default is not dataclasses.MISSING}
-    return SimpleNamespace(**{**defaults, **recipe.training_arguments()})
 
 
 def check_optimizer(recipe, model, plugins, report: Report, events: EventLog) -> None:
@@ -334,89 +283,6 @@ def check_masks(recipe, processor, plugins, report: Report, events: EventLog, si
 
 # -- memory ----------------------------------------------------------------------------------------
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def weight_dtype(recipe, config) -> str:
-    """The dtype weights load in on a GPU: the recipe's, or for "auto" the checkpoint's own."""
-    if recipe.model.dtype != "auto":
-        return recipe.model.dtype
-    saved = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
-    return saved if saved in DTYPE_BYTES else "float32"
-
-
-def trainable_counts(model) -> dict[str, int]:
-    counts = {"lora": 0, "other": 0}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            counts["lora" if ".lora_" in name else "other"] += p.numel()
-    return counts
-
-
-class Arithmetic(list):
-    """Lines of a memory estimate, each with its arithmetic written out."""
-
-    def add(self, what: str, arithmetic: str, n_bytes: float) -> None:
-        self.append({"what": what, "arithmetic": arithmetic, "gib": round(n_bytes / GiB, 3)})
-
-
-def weight_lines(out: Arithmetic, q, weights: dict[str, int], wd: str) -> None:
-    if not q.load_in_4bit:
-        out.add(f"weights ({wd})", f"{weights['other']:,} x {DTYPE_BYTES[wd]} B", weights["other"] * DTYPE_BYTES[wd])
-        return
-    bits = 4.127 if q.double_quant else 4.5  # 4 bits + absmax per 64 (fp32, or 8-bit + fp32 per 256 blocks)
-    out.add(f"4-bit {q.quant_type} weights", f"{weights['quantized']:,} x {bits} bits / 8", weights["quantized"] * bits / 8)
-    out.add("unquantized weights, fp32 after prepare_model_for_kbit_training", f"{weights['other']:,} x 4 B",
-            weights["other"] * 4)
-
-
-def trainable_lines(out: Arithmetic, trainable: dict[str, int], wb: int, eight_bit: bool) -> None:
-    """LoRA adapters are fp32 (peft upcasts them); AdamW keeps two states per parameter, 8-bit Adam 1 byte each."""
-    if trainable["lora"]:
-        sb = 2 if eight_bit else 8
-        out.add("LoRA adapters (fp32): weight + grad + optimizer state", f"{trainable['lora']:,} x (4 + 4 + {sb}) B",
-                trainable["lora"] * (8 + sb))
-    if trainable["other"]:
-        sb = 2 if eight_bit else 2 * wb
-        out.add("trainable base weights: grad + optimizer state", f"{trainable['other']:,} x ({wb} + {sb}) B",
-                trainable["other"] * (wb + sb))
-
-
-def activation_lines(out: Arithmetic, text, b: int, seq: int, a: int, checkpointing: bool) -> None:
-    """Rough: per layer and token about 12 hidden + 5 FFN widths are kept (attention, MLP, LoRA dropout
-    copies); with checkpointing only each layer's input, plus one layer being recomputed."""
-    h, layers, ffn, vocab = text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size
-    per_layer = f"{b} x {seq} x (12 x {h} + 5 x {ffn}) x {a} B"
-    if checkpointing:
-        out.add("activations, checkpointed: layer inputs + one layer recomputed",
-                f"{layers} x {b} x {seq} x {h} x {a} B + {per_layer}", b * seq * a * (layers * h + 12 * h + 5 * ffn))
-    else:
-        out.add("activations (no gradient checkpointing)", f"{layers} layers x {per_layer}",
-                layers * b * seq * a * (12 * h + 5 * ffn))
-    out.add("logits and loss (fp32 upcast)", f"{b} x {seq} x {vocab} x ({a} + 4 + 4) B", b * seq * vocab * (a + 8))
-
-
-def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str, int], gpu_mem: float) -> dict:
-    """GPU memory of one rank: weights, trainable state, activations, logits, CUDA context; arithmetic shown."""
-    t, q, wd = training_args_view(recipe), recipe.quantization, weight_dtype(recipe, config)
-    a = 2 if (t.bf16 or t.fp16 or DTYPE_BYTES[wd] == 2 or (q.load_in_4bit and q.compute_dtype != "float32")) else 4
-    b, seq = t.per_device_train_batch_size, recipe.data.max_length or 2048
-    checkpointing = bool(t.gradient_checkpointing or getattr(t, "activation_checkpointing", False))
-    out = Arithmetic()
-    weight_lines(out, q, weights, wd)
-    trainable_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"))
-    activation_lines(out, getattr(config, "text_config", config), b, seq, a, checkpointing)
-    out.add("CUDA context and workspace", "a fixed allowance", GiB)
-    total = round(sum(x["gib"] for x in out), 2)
-    return {"lines": list(out), "total_gib": total, "gpu_mem_gib": gpu_mem, "batch": b, "seq": seq,
-            "checkpointing": checkpointing}
-
-
-def _enabled(recipe, guard: str) -> bool:
-    options = recipe.guards.get(guard)
-    return bool(options is not None and options.enabled)
-
-
 def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Report) -> None:
     report.memory = memory = estimate_memory(recipe, config, weights, trainable, gpu_mem)
     details = [f"{x['what']}: {x['arithmetic']} = {x['gib']:.2f} GiB" for x in memory["lines"]]
@@ -490,11 +356,11 @@ def _ensure_assets(recipe) -> None:
     """The tiny model and synthetic data a CPU recipe builds on first use (as ``stabguard run`` would)."""
     import sys
 
-    from stabguard.models import _ensure_model
+    from stabguard.models import ensure_model
     from stabguard.runner import ensure_data
 
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json
-        _ensure_model(recipe.model)
+        ensure_model(recipe.model)
         ensure_data(recipe)
 
 

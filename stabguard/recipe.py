@@ -183,6 +183,17 @@ def check_training(training: Any) -> list[tuple[str, str]]:
     return errors
 
 
+def training_args_view(recipe) -> Any:
+    """TrainingArguments' values without building one (that checks the device: a bf16 recipe is fine here)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)
+                if f.default is not dataclasses.MISSING}
+    return SimpleNamespace(**{**defaults, **recipe.training_arguments()})
+
+
 def check_guards(raw_guards: Any, known: dict[str, type[GuardOptions]]) -> tuple[dict, list[tuple[str, str]]]:
     """Each ``[guards.<name>]`` table against the options its guard declared; absent guards get defaults."""
     raw_guards = raw_guards or {}

@@ -35,7 +35,7 @@ def tiny_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     """The small demo byte-level BPE with Qwen's special tokens (no unk token, like Qwen)."""
-    from stabguard.models import build_demo_tokenizer
+    from stabguard.qwen import build_demo_tokenizer
 
     return build_demo_tokenizer()
 
@@ -43,7 +43,7 @@ def demo_tokenizer():
 @pytest.fixture(scope="session")
 def demo_processor(demo_tokenizer):
     """A Qwen3-VL processor on the demo tokenizer; 4 to 16 tokens per image keeps tests fast."""
-    from stabguard.models import build_processor
+    from stabguard.qwen import build_processor
 
     return build_processor(demo_tokenizer, min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32)
 
@@ -52,7 +52,7 @@ def demo_processor(demo_tokenizer):
 def qwen_tokenizer():
     """The real Qwen BPE (dashscope's qwen.tiktoken) with the special tokens at their real ids."""
     pytest.importorskip("dashscope")
-    from stabguard.models import build_qwen_tokenizer
+    from stabguard.qwen import build_qwen_tokenizer
 
     return build_qwen_tokenizer()
 
@@ -60,6 +60,6 @@ def qwen_tokenizer():
 @pytest.fixture(scope="session")
 def qwen_processor(qwen_tokenizer):
     """A Qwen3-VL processor on the real Qwen BPE; small image limits as for ``demo_processor``."""
-    from stabguard.models import build_processor
+    from stabguard.qwen import build_processor
 
     return build_processor(qwen_tokenizer, min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32)

@@ -98,7 +98,7 @@ OTHER_CHATML = (
 
 
 def test_another_chatml_style_template_is_labelled_from_its_own_markers(demo_tokenizer, monkeypatch):
-    from stabguard.models import build_processor
+    from stabguard.qwen import build_processor
 
     processor = build_processor(demo_tokenizer, min_pixels=4096, max_pixels=4096)
     monkeypatch.setattr(processor, "chat_template", OTHER_CHATML)

@@ -25,8 +25,8 @@ from PIL import Image
 
 from stabguard import EventLog, GuardError
 from stabguard.collate import IGNORE_INDEX, ChatCollator
-from stabguard.models import QWEN_ADDED_TOKENS
 from stabguard.plugins.mask import MaskGuard, Options
+from stabguard.qwen import QWEN_ADDED_TOKENS
 
 SETTINGS = settings(max_examples=40, deadline=timedelta(seconds=3),
                     suppress_health_check=[HealthCheck.too_slow])

@@ -56,7 +56,7 @@ def seed_collator(processor):
 @pytest.fixture(scope="module")
 def unk_processor(demo_tokenizer):
     """Like the demo processor, but its tokenizer has transformers 5's default unk <|endoftext|> (= pad)."""
-    from stabguard.models import build_processor
+    from stabguard.qwen import build_processor
 
     tokenizer = copy.deepcopy(demo_tokenizer)
     tokenizer.unk_token = "<|endoftext|>"
@@ -165,7 +165,7 @@ def test_labels_shifted_before_the_model_are_caught(demo_processor):
 
 
 def test_a_pad_token_that_is_also_the_end_token_still_lets_replies_end(demo_tokenizer):
-    from stabguard.models import build_processor
+    from stabguard.qwen import build_processor
 
     tokenizer = copy.deepcopy(demo_tokenizer)
     tokenizer.pad_token = "<|im_end|>"  # the common "pad = eos" set-up
