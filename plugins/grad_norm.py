@@ -101,15 +101,16 @@ class GradNormGuard:
         if not math.isfinite(norm):
             return  # nonfinite's business; keep the statistics clean
         opts, stats = self.options, self.alert_stats
+        z = (norm - stats.mean) / stats.std() if opts.alert_z and stats.ready and stats.var > 0 else 0.0
         if opts.alert_above and norm > opts.alert_above:
             events.alert(NAME, f"grad norm {norm:.3g} above {opts.alert_above:g} at step {step}",
                          step=step, grad_norm=norm, threshold=opts.alert_above)
-        elif opts.alert_z and stats.ready and stats.var > 0:
-            z = (norm - stats.mean) / stats.std()
-            if z > opts.alert_z:
-                events.alert(NAME, f"grad norm {norm:.3g} is {z:.1f} sigma above its running mean "
-                             f"{stats.mean:.3g} at step {step}", step=step, grad_norm=norm, z=z)
-        stats.add(norm)
+        elif opts.alert_z and z > opts.alert_z:
+            events.alert(NAME, f"grad norm {norm:.3g} is {z:.1f} sigma above its running mean "
+                         f"{stats.mean:.3g} at step {step}", step=step, grad_norm=norm, z=z)
+        # A spike must not widen the statistics it is judged against (ZClip does the same): add it capped.
+        spike = opts.alert_z and z > opts.alert_z
+        stats.add(stats.mean + opts.alert_z * stats.std() if spike else norm)
 
     @hookimpl
     def on_step_end(self, state):

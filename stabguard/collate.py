@@ -242,11 +242,15 @@ class ChatCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         kept = [s for s in samples if self._text_ok(s)]
+        if not kept:
+            raise CollateError(_nothing_left(samples))
         batch, refused = self._build(kept)
         if refused:
             for sample, reason, policy in refused:
                 self._refuse(sample, reason, policy)
             kept = [s for s in kept if not any(s is r[0] for r in refused)]
+            if not kept:
+                raise CollateError(_nothing_left(samples, self.max_length))
             batch, _ = self._build(kept)
         if self.max_length is not None:
             batch = {k: v[:, : self.max_length] if _per_token(k, v, batch["attention_mask"]) else v
@@ -311,3 +315,10 @@ class ChatCollator:
         if self.events is not None:
             self.events.record("collate", "drop", message, sample=sample.get("id"))
         return False
+
+
+def _nothing_left(samples: list[dict], max_length: int | None = None) -> str:
+    """Every sample of a micro-batch was dropped: the Trainer cannot take an empty batch."""
+    ids = ", ".join(str(s.get("id", "?")) for s in samples)
+    hint = f"raise data.max_length (now {max_length}) or shorten them" if max_length else "fix or remove them"
+    return f"collate: every sample of this micro-batch was dropped ({ids}); see events.jsonl for why; {hint}"

@@ -92,6 +92,7 @@ class Recipe(BaseModel):
     path: Path | None = None
     plugins: list[str] = Field(default_factory=list)
     block_plugins: list[str] = Field(default_factory=list)
+    max_consecutive_skips: int = 20  # skips in a row, asked by any guard, before the core stops the run
     model: ModelSection
     data: DataSection
     training: dict[str, Any]
@@ -115,13 +116,23 @@ class RecipeError(ValueError):
         super().__init__(f"{where}{len(errors)} error(s) in recipe\n{lines}")
 
 
-def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def _unknown_key(name: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return "unknown key"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown key; {hint}allowed: {', '.join(allowed)}"
+
+
+def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+                     ) -> list[tuple[str, str]]:
     out = []
     for err in exc.errors():
         key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = _unknown_key(str(err["loc"][-1]), model if len(err["loc"]) == 1 else None)
         elif err["type"] == "literal_error":
             message = f"{err['msg']} (got {err.get('input')!r})"
         out.append((key or "<recipe>", message))
@@ -130,8 +141,8 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, 
 
 def _check_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Validate every section but ``guards`` and ``training``; return the parsed sections."""
-    fields = {"plugins": list, "block_plugins": list, "model": ModelSection, "data": DataSection,
-              "lora": LoraSection, "quantization": QuantizationSection}
+    fields = {"plugins": list, "block_plugins": list, "max_consecutive_skips": int, "model": ModelSection,
+              "data": DataSection, "lora": LoraSection, "quantization": QuantizationSection}
     known = set(fields) | {"training", "guards"}
     errors = [(key, f"unknown section; known: {', '.join(sorted(known))}") for key in raw if key not in known]
     parsed: dict[str, Any] = {}
@@ -140,6 +151,12 @@ def _check_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str
         if value is None:
             if name in ("model", "data"):
                 errors.append((name, "missing section"))
+            continue
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append((name, f"must be a positive integer (got {value!r})"))
+            else:
+                parsed[name] = value
             continue
         if kind is list:
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -150,7 +167,7 @@ def _check_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str
         try:
             parsed[name] = kind.model_validate(value)
         except ValidationError as exc:
-            errors.extend(_pydantic_errors(exc, name))
+            errors.extend(_pydantic_errors(exc, name, kind))
     return parsed, errors
 
 
@@ -169,6 +186,9 @@ def check_training(training: Any) -> list[tuple[str, str]]:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             errors.append((f"training.{key}", f"not a TrainingArguments field{hint}"))
+    if training.get("dataloader_num_workers", 0) not in (0, None):
+        errors.append(("training.dataloader_num_workers", "must be 0: pre_collate/post_collate guards run in "
+                       "the collator, and their state and events would stay in the worker processes"))
     if "output_dir" not in training:
         errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
     if errors:
@@ -212,7 +232,7 @@ def check_guards(raw_guards: Any, known: dict[str, type[GuardOptions]]) -> tuple
         try:
             options[name] = model.model_validate(table)
         except ValidationError as exc:
-            errors.extend(_pydantic_errors(exc, f"guards.{name}"))
+            errors.extend(_pydantic_errors(exc, f"guards.{name}", model))
     return options, errors
 
 

@@ -75,7 +75,8 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog):
     collator = ChatCollator(processor, max_length=recipe.data.max_length, truncation=recipe.data.truncation,
                             padding_side=recipe.data.padding_side, events=events)
     return GuardTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=collator,
-                        processing_class=processor, plugins=plugins, events=events)
+                        processing_class=processor, plugins=plugins, events=events,
+                        max_consecutive_skips=recipe.max_consecutive_skips)
 
 
 def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: Plugins | None = None) -> RunResult:
@@ -101,5 +102,9 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         if trainer.stop_reason is None:
             trainer.save_model()
         return RunResult(output_dir, trainer.stop_reason, trainer.state.global_step, trainer.skipped_steps, trainer)
+    except Exception as exc:
+        # The reason goes into the log beside every decision before it; checkpoints already written stay.
+        events.record("core", "error", f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         events.close()

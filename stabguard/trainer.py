@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from stabguard.verdict import Action, Verdict, combine
+from stabguard.verdict import Action, GuardError, Verdict, combine
 
 GUARD_STATE_FILE = "stabguard_state.json"
 
@@ -82,6 +82,8 @@ class _GuardedCollator:
         return batch
 
     def __getattr__(self, name):  # the Trainer inspects collator attributes
+        if name.startswith("__") or name == "collator":  # unpickling looks these up before __init__ ran
+            raise AttributeError(name)
         return getattr(self.collator, name)
 
 
@@ -95,7 +97,13 @@ class _HookCallback(TrainerCallback):
         t = self.trainer
         if t.last_step is not None:
             t.plugins.hook.on_step_end(state=t.last_step, events=t.events)
-        if t.stop_reason is not None:  # the checkpoint of the last good state is already written
+        return self._hold_after_stop(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._hold_after_stop(control)  # epoch strategies would save/evaluate the dropped step
+
+    def _hold_after_stop(self, control):
+        if self.trainer.stop_reason is not None:  # the checkpoint of the last good state is already written
             control.should_save = control.should_evaluate = False
             control.should_training_stop = True
         return control
@@ -112,16 +120,23 @@ class GuardTrainer(transformers.Trainer):
     :param events: the run's :class:`~stabguard.events.EventLog`.
     """
 
-    def __init__(self, *args, plugins, events, **kwargs):
+    def __init__(self, *args, plugins, events, max_consecutive_skips: int = 20, **kwargs):
         self.plugins, self.events = plugins, events
+        self.max_consecutive_skips = max_consecutive_skips
         self.last_step: StepState | None = None
         self.stop_reason: str | None = None
-        self.skipped_steps = 0
+        self.skipped_steps = self.consecutive_skips = 0
+        self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._micro_losses: list[torch.Tensor] = []
         self._tr_loss_at_step_start: torch.Tensor | None = None
         if kwargs.get("data_collator") is not None:
             kwargs["data_collator"] = _GuardedCollator(kwargs["data_collator"], plugins.hook, events)
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # DeepSpeed steps inside backward and keeps gradients out of p.grad; FSDP shards them: the
+            # guards would see no gradients or a local norm, and a SKIP could not stop the update.
+            raise GuardError("GuardTrainer supports single-device and DDP training; DeepSpeed and FSDP are not "
+                             "supported yet (see docs/design-notes.md)")
         # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
         self.args.logging_nan_inf_filter = False
         self.add_callback(_HookCallback(self))
@@ -177,7 +192,9 @@ class GuardTrainer(transformers.Trainer):
 
         # Guards look, then decide; the most severe verdict wins on every rank.
         self.plugins.hook.post_backward(state=state, events=self.events)
-        state.verdict = agree_across_ranks(combine(self.plugins.hook.pre_step(state=state, events=self.events)))
+        state.verdict = self._limit_skips(
+            agree_across_ranks(combine(self.plugins.hook.pre_step(state=state, events=self.events))))
+        self._window_steps += 1
 
         # Apply: clip and step, or drop this step's update.
         if state.verdict.action == Action.PROCEED:
@@ -190,17 +207,25 @@ class GuardTrainer(transformers.Trainer):
             self._stop(model, state)
         return grad_norm
 
+    def _limit_skips(self, verdict: Verdict) -> Verdict:
+        """Whoever asks for them, too many skips in a row stop the run: a skip must not hide a bug forever."""
+        if verdict.action != Action.SKIP:
+            self.consecutive_skips = 0
+            return verdict
+        self.consecutive_skips += 1
+        if self.consecutive_skips < self.max_consecutive_skips:
+            return verdict
+        return Verdict.stop(f"{self.consecutive_skips} steps skipped in a row; last: {verdict.reason}",
+                            verdict.guard or "core")
+
     def _drop_update(self, model, state: StepState) -> None:
-        """SKIP: no gradients, no optimizer step, no scheduler step; the logged loss ignores the step."""
+        """SKIP: no gradients, no optimizer step, no scheduler step; the logged loss leaves the step out."""
         for p in model.parameters():
             p.grad = None
         self._mark_step_skipped(True)
-        steps_since_log = self.state.global_step - self._globalstep_last_logged
-        if self._tr_loss_at_step_start is not None and steps_since_log > 0:
-            # The logged loss counts the dropped step at the average of the window's other steps (as the
-            # Trainer's own NaN filter does); alone in its window, its real loss (NaN, ...) is logged.
-            before = self._tr_loss_at_step_start
-            self._tr_loss.copy_(before + before / steps_since_log)
+        if self._tr_loss_at_step_start is not None:
+            self._tr_loss.copy_(self._tr_loss_at_step_start)  # a NaN here would poison every later log line
+        self._window_dropped += 1
         if state.verdict.action == Action.SKIP:
             self.skipped_steps += 1
             self.events.record(state.verdict.guard or "core", "skip", f"step {state.step} skipped: {state.verdict.reason}",
@@ -235,25 +260,41 @@ class GuardTrainer(transformers.Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "grad_norm" in logs:  # training log lines, not the final summary
+            self._average_over_kept_steps(logs)
             logs["stabguard/skipped_steps"] = self.skipped_steps
             self.plugins.hook.on_log(logs=logs, state=self.last_step, events=self.events)
             # trainer_state.json is only rewritten at checkpoints; this line lets a monitor follow live.
             self.events.record("core", "log", "", step=self.state.global_step, **logs)
         super().log(logs, start_time)
 
+    def _average_over_kept_steps(self, logs: dict) -> None:
+        """The Trainer divides the window's loss by all its steps; dropped steps added none."""
+        kept = self._window_steps - self._window_dropped
+        if "loss" in logs and self._window_dropped:
+            if kept > 0:
+                logs["loss"] = logs["loss"] * self._window_steps / kept
+            else:
+                del logs["loss"]  # no step of this window trained: no loss to report
+        self._window_steps = self._window_dropped = 0
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            guard_state = {"skipped_steps": self.skipped_steps, "plugins": plugin_states(self.plugins)}
+            guard_state = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                           "plugins": plugin_states(self.plugins)}
             (folder / GUARD_STATE_FILE).write_text(json.dumps(guard_state, indent=1))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / GUARD_STATE_FILE
         if path.exists():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise GuardError(f"{path}: unreadable guard state ({exc}); delete it to resume without it") from None
             self.skipped_steps = saved.get("skipped_steps", 0)
+            self.consecutive_skips = saved.get("consecutive_skips", 0)
             load_plugin_states(self.plugins, saved.get("plugins", {}))
 
 

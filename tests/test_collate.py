@@ -224,8 +224,10 @@ def test_near_miss_markers_are_plain_text(demo_processor):
 
 
 def test_a_batch_with_every_sample_dropped_says_so(demo_processor):
-    with pytest.raises(CollateError, match="every one was dropped"):
-        ChatCollator(demo_processor, max_length=10)([conversation("x", [("word " * 30, "y")])])
+    sample = conversation("x", [("word " * 30, "y")])
+    with pytest.raises(CollateError, match="every sample of this micro-batch was dropped") as err:
+        ChatCollator(demo_processor, max_length=10)([sample])
+    assert str(sample["id"]) in str(err.value) and "data.max_length (now 10)" in str(err.value)
 
 
 @pytest.mark.parametrize("kwargs, bad", [({"truncation": "cut"}, "truncation='cut'"),

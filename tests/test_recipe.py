@@ -36,7 +36,7 @@ def test_every_error_is_reported_at_once_with_its_key(tmp_path):
     assert "learning_rate" in errors["training.learning_rat"]
     assert "lora.r" in errors and "model.dtype" in errors and "surprise" in errors
     assert "guards.nonfinite.max_consecutive" in errors
-    assert errors["guards.nonfinite.colour"] == "unknown key"
+    assert errors["guards.nonfinite.colour"] == "unknown key; allowed: enabled, max_consecutive"
     assert "known guards:" in errors["guards.nosuch"] and "grad_norm" in errors["guards.nosuch"]
 
 
@@ -77,3 +77,15 @@ def test_unimportable_recipe_plugin_is_a_recipe_error(tmp_path):
     with pytest.raises(RecipeError) as info:
         prepare(write_recipe(tmp_path / "r.toml", recipe))
     assert "no_such_module_x" in dict(info.value.errors)["plugins"]
+
+
+def test_unknown_keys_suggest_the_close_name_and_workers_are_refused(tmp_path):
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
+                         training={"dataloader_num_workers": 2}, guards={"nonfinite": {"max_consecutve": 3}})
+    recipe["lora"]["alhpa"] = 8
+    recipe["max_consecutive_skips"] = 0
+    errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
+    assert errors["guards.nonfinite.max_consecutve"].startswith("unknown key; did you mean max_consecutive?")
+    assert "did you mean alpha?" in errors["lora.alhpa"]
+    assert "must be 0" in errors["training.dataloader_num_workers"]
+    assert "positive integer" in errors["max_consecutive_skips"]

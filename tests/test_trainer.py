@@ -145,3 +145,33 @@ def test_trainer_seams_exist():
                  "grad_norm = self._clip_grad_norm(model)", "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)",
                  "self.optimizer.step()"):
         assert seam in src, f"transformers {transformers.__version__} moved the seam `{seam}` GuardTrainer relies on"
+
+
+class AlwaysSkip:
+    """A third-party guard that skips every step (a bug in the guard, or data that is always bad)."""
+
+    @hookimpl
+    def pre_step(self, state):
+        return Verdict.skip("always", "always-skip")
+
+
+def test_the_core_stops_a_run_that_only_skips(tmp_path, tiny_assets):
+    plugins = Plugins.for_recipe()
+    plugins.register(AlwaysSkip(), name="always-skip")
+    recipe = tiny_recipe(tiny_assets, tmp_path / "out", training={"max_steps": 10}, max_consecutive_skips=3)
+    result = run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins)
+    assert not result.ok and "3 steps skipped in a row" in result.stop_reason
+    assert result.skipped_steps == 2 and (result.output_dir / "checkpoint-2").exists()
+    logged = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
+    assert not any("loss" in entry for entry in logged if "grad_norm" in entry), "no step trained, no loss logged"
+
+
+def test_stop_with_epoch_strategies_writes_no_checkpoint_after_the_stop(tmp_path, tiny_assets):
+    plugins = Plugins.for_recipe()
+    plugins.register(StopAt(k=3), name="stop-at")
+    recipe = tiny_recipe(tiny_assets, tmp_path / "out",
+                         training={"max_steps": 5, "save_strategy": "epoch", "eval_strategy": "epoch"})
+    recipe["data"]["val"] = str(tiny_assets["val"])
+    result = run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins)
+    assert not result.ok
+    assert sorted(p.name for p in result.output_dir.glob("checkpoint-*")) == ["checkpoint-2"]

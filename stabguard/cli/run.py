@@ -1,4 +1,4 @@
-"""``stabguard run RECIPE``: train; a STOP verdict exits 3 with the reason, a refused set-up exits 1."""
+"""``stabguard run RECIPE``: train; a STOP verdict exits 3 with the reason; bad data or a refused set-up exits 1."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ EXIT_RECIPE, EXIT_GUARD, EXIT_STOPPED = 2, 1, 3
 def command(recipe, resume):
     """Fine-tune as the recipe says, with its guards enabled."""
     from stabguard.cli.validate import report_recipe_error
+    from stabguard.collate import CollateError
+    from stabguard.data import DataError
     from stabguard.runner import run
 
     try:
@@ -24,7 +26,7 @@ def command(recipe, resume):
     except RecipeError as exc:
         report_recipe_error(exc)
         raise SystemExit(EXIT_RECIPE) from None
-    except GuardError as exc:
+    except (GuardError, DataError, CollateError) as exc:
         click.echo(f"stabguard: refused: {exc}", err=True)
         raise SystemExit(EXIT_GUARD) from None
     if not result.ok:

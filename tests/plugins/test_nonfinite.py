@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -112,7 +113,10 @@ def test_faulty_step_changes_nothing_and_holds_the_lr(tmp_path, tiny_assets, fau
     assert finding["step"] == 2 and finding["values"]["cause"] == cause
     assert [e["step"] for e in events if e["kind"] == "skip" and e["guard"] == "nonfinite"] == [2]
     logged = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
-    assert [e["stabguard/skipped_steps"] for e in logged if "loss" in e] == [0, 1, 1, 1]
+    lines = [e for e in logged if "grad_norm" in e]
+    assert [e["stabguard/skipped_steps"] for e in lines] == [0, 1, 1, 1]
+    assert [("loss" in e) for e in lines] == [True, False, True, True], "the skipped step's window logs no loss"
+    assert all(math.isfinite(e["loss"]) for e in lines if "loss" in e), "a dropped NaN/Inf must not poison later lines"
 
 
 def test_consecutive_poisoned_batches_stop_with_a_checkpoint(tmp_path, tiny_assets):

@@ -1,0 +1,53 @@
+"""`stabguard run` as a user types it: exit codes and messages."""
+
+import textwrap
+
+from click.testing import CliRunner
+from support import tiny_recipe, write_recipe
+
+from stabguard.cli import main
+from stabguard.data.synth import synth_pcb
+from stabguard.events import read_events
+
+STOPPER = '''
+from stabguard import Verdict, hookimpl
+
+@hookimpl
+def pre_step(state):
+    if state.step == 2:
+        return Verdict.stop("the test plugin says stop", "stopper")
+'''
+
+
+def test_stop_verdict_exits_3_with_reason_checkpoint_and_hints(tmp_path, tiny_assets, monkeypatch):
+    (tmp_path / "stopper_plugin.py").write_text(textwrap.dedent(STOPPER))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tiny_recipe(tiny_assets, tmp_path / "out", training={"max_steps": 4}, plugins=["stopper_plugin"])
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path / "r.toml", recipe))])
+    assert result.exit_code == 3, result.output
+    assert "STOPPED at step 2: stopper: the test plugin says stop" in result.output
+    assert "try:" in result.output  # hints tied to the run
+    assert (tmp_path / "out" / "checkpoint-1" / "stabguard_state.json").exists()
+
+
+def test_corrupt_image_is_refused_naming_sample_and_file(tmp_path, tiny_assets):
+    synth_pcb(tmp_path / "data", n=4, seed=3, size=128, val_fraction=0)
+    train = tmp_path / "data" / "train.jsonl"
+    first_image = train.read_text().split('"image": "')[1].split('"')[0]
+    (tmp_path / "data" / first_image).write_bytes(b"not a png")
+    assets = {**tiny_assets, "train": train}
+    recipe = tiny_recipe(assets, tmp_path / "out")
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path / "r.toml", recipe))])
+    assert result.exit_code == 1, result.output
+    assert "stabguard: refused:" in result.output
+    assert f"{train}:1" in result.output and first_image in result.output
+    errors = [e for e in read_events(tmp_path / "out" / "events.jsonl") if e["kind"] == "error"]
+    assert len(errors) == 1 and first_image in errors[0]["message"]
+
+
+def test_recipe_errors_exit_2(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[training]\nwarmup_ratio = 0.1\n")
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "training.warmup_ratio: removed in transformers 5: write warmup_steps = 0.1" in result.output
