@@ -9,6 +9,18 @@ from typing import Any
 from stabguard import hookimpl
 from stabguard.manager import HOOK_NAMES
 
+# The Qwen3-VL chat format, as qwen3vl.md gives it: one user turn with an image, one assistant turn.
+REFERENCE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Inspect this PCB.<|im_end|>\n"
+    "<|im_start|>assistant\nDefect: open circuit.<|im_end|>\n"
+)
+CONVERSATION = [
+    {"role": "user", "content": [
+        {"type": "image", "image": "a.png"}, {"type": "text", "text": "Inspect this PCB."},
+    ]},
+    {"role": "assistant", "content": "Defect: open circuit."},
+]
+
 
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):

@@ -11,18 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
+from support import CONVERSATION, REFERENCE
+
 from stabguard import models, qwen
 
-REFERENCE = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Inspect this PCB.<|im_end|>\n"
-    "<|im_start|>assistant\nDefect: open circuit.<|im_end|>\n"
-)
-CONVERSATION = [
-    {"role": "user", "content": [
-        {"type": "image", "image": "a.png"}, {"type": "text", "text": "Inspect this PCB."},
-    ]},
-    {"role": "assistant", "content": "Defect: open circuit."},
-]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stabguard import qwen
+from support import CONVERSATION, REFERENCE
 
-REFERENCE = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Inspect this PCB.<|im_end|>\n"
-    "<|im_start|>assistant\nDefect: open circuit.<|im_end|>\n"
-)
-CONVERSATION = [
-    {"role": "user", "content": [
-        {"type": "image", "image": "a.png"}, {"type": "text", "text": "Inspect this PCB."},
-    ]},
-    {"role": "assistant", "content": "Defect: open circuit."},
-]
+from stabguard import qwen
 
 
 # ---- chat template -------------------------------------------------------------------------------
