@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,13 +75,22 @@ class QuantizationSection(Section):
     skip_modules: list[str] = Field(default_factory=lambda: ["model.visual", "lm_head"])
 
 
+class SynthOptions(Section):
+    """Arguments of ``stabguard.data.synth.synth_pcb``."""
+
+    n: int = Field(default=64, ge=1)
+    seed: int = 0
+    size: int = Field(default=256, ge=64)
+    val_fraction: float = Field(default=0.25, ge=0, lt=1)
+
+
 class DataSection(Section):
     train: str
     val: str | None = None
     max_length: int | None = Field(default=2048, gt=0)
     truncation: Literal["drop", "error"] = "drop"
     padding_side: Literal["right", "left"] = "right"
-    synth: dict[str, Any] | None = None
+    synth: SynthOptions | None = None  # generate synthetic PCB boards when `train` does not exist
     bad_rows: Literal["error", "skip"] = "error"  # skip: leave bad rows/images out, each one an event
 
 
@@ -116,6 +126,17 @@ class RecipeError(ValueError):
         super().__init__(f"{where}{len(errors)} error(s) in recipe\n{lines}")
 
 
+def _model_at(model: type[BaseModel] | None, path: tuple) -> type[BaseModel] | None:
+    """The pydantic model a nested key belongs to (``data.synth.colour`` -> SynthOptions)."""
+    for part in path:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return None
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return model
+
+
 def _unknown_key(name: str, model: type[BaseModel] | None) -> str:
     if model is None:
         return "unknown key"
@@ -132,7 +153,7 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseMod
         key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = _unknown_key(str(err["loc"][-1]), model if len(err["loc"]) == 1 else None)
+            message = _unknown_key(str(err["loc"][-1]), _model_at(model, err["loc"][:-1]))
         elif err["type"] == "literal_error":
             message = f"{err['msg']} (got {err.get('input')!r})"
         out.append((key or "<recipe>", message))

@@ -51,8 +51,9 @@ def ensure_data(recipe: Recipe) -> None:
         return
     from stabguard.data.synth import synth_pcb
 
-    say(f"generating synthetic PCB data in {train.parent} ({recipe.data.synth})")
-    synth_pcb(train.parent, **recipe.data.synth)
+    options = recipe.data.synth.model_dump()
+    say(f"generating synthetic PCB data in {train.parent} ({options})")
+    synth_pcb(train.parent, **options)
 
 
 def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog):

@@ -83,9 +83,11 @@ def test_unknown_keys_suggest_the_close_name_and_workers_are_refused(tmp_path):
     recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
                          training={"dataloader_num_workers": 2}, guards={"nonfinite": {"max_consecutve": 3}})
     recipe["lora"]["alhpa"] = 8
+    recipe["data"]["synth"] = {"n": 4, "sede": 1}
     recipe["max_consecutive_skips"] = 0
     errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
     assert errors["guards.nonfinite.max_consecutve"].startswith("unknown key; did you mean max_consecutive?")
     assert "did you mean alpha?" in errors["lora.alhpa"]
+    assert errors["data.synth.sede"] == "unknown key; did you mean seed? allowed: n, seed, size, val_fraction"
     assert "must be 0" in errors["training.dataloader_num_workers"]
     assert "positive integer" in errors["max_consecutive_skips"]
