@@ -47,6 +47,10 @@ class GuardError(RuntimeError):
 def combine(verdicts: Iterable[Verdict | None]) -> Verdict:
     """STOP > SKIP > PROCEED; the reasons of every verdict at the winning severity are joined."""
     given = [v for v in verdicts if v is not None]
+    for v in given:
+        if not isinstance(v, Verdict):
+            raise TypeError(f"pre_step returned {v!r}: a guard must return a stabguard.Verdict "
+                            "(Verdict.skip(reason, guard), Verdict.stop(...)) or None")
     if not given:
         return Verdict.proceed()
     worst = max(v.action for v in given)

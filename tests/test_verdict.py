@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,3 +34,8 @@ def test_reasons_of_the_winning_severity_are_joined():
     assert "spike: too many" in out.reason and "mine: bad data" in out.reason
     assert "nan loss" not in out.reason
     assert out.guard == "spike,mine"
+
+
+def test_a_guard_returning_something_else_is_named():
+    with pytest.raises(TypeError, match="pre_step returned 'skip please'"):
+        combine([Verdict.proceed(), "skip please"])
