@@ -64,7 +64,7 @@ def test_import_keeps_boxes_labels_and_the_official_split(tmp_path):
 def test_without_a_split_file_the_seed_splits(tmp_path):
     src = _deeppcb(tmp_path / "src", split=False)
     a = import_deeppcb(src, tmp_path / "a", val_fraction=0.5, seed=3)
-    b = import_deeppcb(src, tmp_path / "b", val_fraction=0.5, seed=3)
+    import_deeppcb(src, tmp_path / "b", val_fraction=0.5, seed=3)
     assert not a["official_split"] and a["train_rows"] + a["val_rows"] == len(BOARDS)
     assert (tmp_path / "a/train.jsonl").read_text() == (tmp_path / "b/train.jsonl").read_text()
 
@@ -81,7 +81,7 @@ def test_bad_annotation_lines_name_file_and_line_and_nothing_is_written(tmp_path
     src = _deeppcb(tmp_path / "src", boards, split=False)
     with pytest.raises(DataError) as info:
         import_deeppcb(src, tmp_path / "out")
-    assert f"group20085/20085_not/20085002.txt:2: " in str(info.value) and reason in str(info.value)
+    assert "group20085/20085_not/20085002.txt:2: " in str(info.value) and reason in str(info.value)
     assert not (tmp_path / "out").exists()
 
 

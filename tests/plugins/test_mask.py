@@ -43,7 +43,7 @@ def seed_collator(processor):
         inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
         labels = inputs["input_ids"].clone()
         assistant_token_id = processor.tokenizer.convert_tokens_to_ids("<|assistant|>")
-        for i, label in enumerate(labels):
+        for i, label in enumerate(labels):  # noqa: B007 - the source note's code, verbatim
             assistant_starts = (inputs["input_ids"][i] == assistant_token_id).nonzero()
             if len(assistant_starts) > 0:
                 start_pos = assistant_starts[0].item()
