@@ -40,13 +40,22 @@ class NonFiniteGuard:
         self.options = options
         self.consecutive = 0  # agreed non-finite skips in a row
         self.total = 0
+        self.overflows = 0
+        self._overflow = False
 
     @hookimpl
     def pre_step(self, state, events):
         values = state.host()
         cause = cause_of(values)
+        # fp16 AMP: inf gradients under a finite loss are the loss scaler's overflow; it lowers its scale
+        # and tries again, so these skips do not count towards max_consecutive (the core's limit still does).
+        self._overflow = cause == "gradients" and getattr(state, "loss_scaled", False)
         if cause is None:
             return None
+        if self._overflow:
+            events.record(NAME, "overflow", f"step {state.step}: fp16 gradient overflow; the loss scale backs off",
+                          step=state.step, grad_norm=values["grad_norm"])
+            return Verdict.skip("fp16 gradient overflow (loss scaler)", NAME)
         detail = f"non-finite {cause} (loss={values['loss']}, grad_norm={values['grad_norm']})"
         events.record(NAME, "finding", f"step {state.step}: {detail}", step=state.step, cause=cause,
                       loss=values["loss"], grad_norm=values["grad_norm"], consecutive=self.consecutive + 1)
@@ -56,7 +65,9 @@ class NonFiniteGuard:
 
     @hookimpl
     def on_step_end(self, state):
-        if decided_by(state.verdict, NAME):
+        if self._overflow and decided_by(state.verdict, NAME):
+            self.overflows += 1
+        elif decided_by(state.verdict, NAME):
             self.consecutive += 1
             self.total += 1
         else:
@@ -65,6 +76,8 @@ class NonFiniteGuard:
     @hookimpl
     def on_log(self, logs):
         logs["stabguard/nonfinite_steps"] = self.total
+        if self.overflows:
+            logs["stabguard/fp16_overflows"] = self.overflows
 
     @hookimpl
     def state_dict(self):

@@ -42,6 +42,7 @@ class StepState:
     model: Any = field(repr=False, default=None)
     optimizer: Any = field(repr=False, default=None)
     max_norm: float | torch.Tensor | None = None
+    loss_scaled: bool = False  # fp16 AMP: a GradScaler is active (inf gradients may be its overflow)
     verdict: Verdict = field(default_factory=Verdict.proceed)
     _host: dict[str, float] | None = field(default=None, repr=False)
 
@@ -185,7 +186,8 @@ class GuardTrainer(transformers.Trainer):
         loss = torch.stack(self._micro_losses).sum() if self._micro_losses else torch.zeros((), device=grad_norm.device)
         self._micro_losses = []
         state = StepState(step=self.state.global_step + 1, grad_norm=grad_norm, loss=loss,
-                          model=model, optimizer=self.optimizer)
+                          model=model, optimizer=self.optimizer,
+                          loss_scaled=getattr(self.accelerator, "scaler", None) is not None)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             state.clip_to(self.args.max_grad_norm)
         self.last_step = state

@@ -81,6 +81,19 @@ def test_counters_follow_the_agreed_verdict():
     assert guard.consecutive == 0
 
 
+def test_fp16_overflows_skip_without_counting_towards_the_stop():
+    guard, events = NonFiniteGuard(Options(max_consecutive=2)), EventLog()
+    for step in range(1, 6):  # the GradScaler calibrating: inf gradients under a finite loss
+        state = StepState(step=step, grad_norm=torch.tensor(INF), loss=torch.tensor(2.0), loss_scaled=True)
+        state.verdict = combine([guard.pre_step(state=state, events=events)])
+        guard.on_step_end(state=state)
+        assert state.verdict.action == Action.SKIP and "overflow" in state.verdict.reason
+    assert guard.overflows == 5 and guard.consecutive == 0 and len(events.of_kind("overflow")) == 5
+    # a NaN loss under the scaler is no overflow: it counts, and stops at the limit
+    verdicts = [one_step(guard, events, step, NAN, INF) for step in (6, 7)]
+    assert [v.action for v in verdicts] == [Action.SKIP, Action.STOP]
+
+
 def test_state_round_trips_through_json():
     guard = NonFiniteGuard(Options())
     guard.consecutive, guard.total = 2, 9
