@@ -77,6 +77,7 @@ class TemplateIds:
         forbidden.add(tok.added_tokens_encoder.get("<|vision_pad|>"))
         # pad = eos setups: the end token stays allowed; the attention mask finds padding
         self.forbidden = np.array(sorted(i for i in forbidden if isinstance(i, int) and i != self.end))
+        self._tail = tok.decode([int(self.header[-1])])  # decoded once: merged() runs on every batch
         self._merges: dict[int, bool] = {}
         self._table = np.zeros(max([len(tok), *(self.forbidden + 1)]), dtype=bool)
         self._table[self.forbidden] = True
@@ -90,10 +91,9 @@ class TemplateIds:
 
     def merged(self, ids: np.ndarray) -> np.ndarray:
         """Tokens that hold the header's last token merged with the reply's first characters."""
-        tail = self.tokenizer.decode([int(self.header[-1])])
         for tid in set(ids.tolist()) - self._merges.keys():
             text = self.tokenizer.decode([tid])
-            self._merges[tid] = len(text) > len(tail) and text.startswith(tail)
+            self._merges[tid] = len(text) > len(self._tail) and text.startswith(self._tail)
         return np.array([self._merges[tid] for tid in ids.tolist()], dtype=bool)
 
 
@@ -113,7 +113,8 @@ def expected_supervision(input_ids: Any, attention_mask: Any, t: TemplateIds) ->
     offset = np.where((heads == t.header).all(1), n, -1)
     if n > 1:
         loose = np.flatnonzero((heads[:, :-1] == t.header[:-1]).all(1) & (offset < 0) & (heads[:, -1] >= 0))
-        offset[loose[t.merged(heads[loose, -1])]] = n - 1
+        if loose.size:
+            offset[loose[t.merged(heads[loose, -1])]] = n - 1
     reply = (offset >= 0) & (at + offset < width)
     stride = width + 1  # one spare column per row takes the -1 of a reply that runs to the row's end
     first = (row * stride + at + offset)[reply]

@@ -192,6 +192,18 @@ def message_texts(sample: dict) -> list[tuple[int, str, str]]:
     return out
 
 
+def sample_text(sample: dict) -> str:
+    """Every text piece of a sample, joined by newlines (the quick marker test of each sample)."""
+    pieces = []
+    for message in sample["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            pieces.append(content)
+        elif content:
+            pieces += [item["text"] for item in content if "text" in item]
+    return "\n".join(pieces)
+
+
 # ------------------------------------------------------------------------------------------------
 # The collator
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +285,7 @@ class ChatCollator:
 
     def _turn_problems(self, turns: np.ndarray, samples: list[dict]) -> list[tuple[dict, str, str]]:
         """Every assistant message must come out as exactly one assistant header."""
-        wanted = [sum(m.get("role") == "assistant" for m in s["messages"]) for s in samples]
+        wanted = [[m.get("role") for m in s["messages"]].count("assistant") for s in samples]
         return [(s, f"{f} assistant turns found for {w} assistant messages: the template or the text "
                     "breaks the turn markers", self.marker_text)
                 for s, f, w in zip(samples, turns.tolist(), wanted) if f != w]
@@ -295,11 +307,12 @@ class ChatCollator:
         return problems
 
     def _text_ok(self, sample: dict) -> bool:
-        texts = message_texts(sample) if self._marker_re else []
-        joined = "\n".join([text for _, _, text in texts])  # one substring test per marker start, usually all
+        if self._marker_re is None:
+            return True
+        joined = sample_text(sample)  # one substring test per marker start clears most samples
         if not any(start in joined for start in self._marker_starts):
             return True
-        for index, role, text in texts:
+        for index, role, text in message_texts(sample):
             found = self._marker_re.search(text)
             if found:
                 reason = (f"message {index} ({role}) contains the special token {found.group()!r}, which the "
