@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from support import tiny_recipe, write_recipe
+from support_faults import GradFault
 
-from stabguard import hookimpl
 
 
 def hf_log_line(step: int, *, loss: float, grad_norm: float, lr: float, epoch: float) -> dict[str, Any]:
@@ -99,20 +99,6 @@ def write_events(folder: Path, events: list[tuple[str, str, int, str, dict]]) ->
     return folder / "events.jsonl"
 
 
-class PoisonSteps:
-    """Puts a NaN into one LoRA gradient at the given backward passes (a real fault, before any guard)."""
-
-    def __init__(self, *backwards: int):
-        self.at, self.count = set(backwards), 0
-
-    @hookimpl
-    def setup_model(self, model):
-        param = next(p for n, p in model.named_parameters() if "lora_A" in n)
-        param.register_hook(self.poison)
-
-    def poison(self, grad):
-        self.count += 1
-        if self.count in self.at:
-            grad = grad.clone()
-            grad.view(-1)[0] = float("nan")
-        return grad
+def PoisonSteps(*backwards: int) -> GradFault:  # noqa: N802 - reads as the fault it makes
+    """A NaN in one LoRA gradient at the given backward passes (a real fault, before any guard)."""
+    return GradFault(at=backwards, value=float("nan"), param="lora_A")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from support import HookRecorder, tiny_recipe, write_recipe
+from support_faults import GradFault
 
 from stabguard import Verdict, hookimpl
 from stabguard.events import read_events
@@ -99,27 +100,8 @@ def test_stop_saves_last_good_state_and_ends(tmp_path, tiny_assets):
     assert len(stops) == 1 and stops[0]["values"]["checkpoint"].endswith("checkpoint-2")
 
 
-class PoisonGrad:
-    """Puts a NaN into one LoRA gradient during the k-th backward pass (a real fault, before any guard)."""
-
-    def __init__(self, k):
-        self.k, self.backwards = k, 0
-
-    @hookimpl
-    def setup_model(self, model):
-        param = next(p for n, p in model.named_parameters() if "lora_A" in n)
-        param.register_hook(self.poison)
-
-    def poison(self, grad):
-        self.backwards += 1
-        if self.backwards == self.k:
-            grad = grad.clone()
-            grad.view(-1)[0] = float("nan")
-        return grad
-
-
 def test_nan_gradient_is_skipped_and_weights_stay_finite(tmp_path, tiny_assets):
-    result = run_tiny(tmp_path, tiny_assets, PoisonGrad(k=2), training={"max_steps": 3})
+    result = run_tiny(tmp_path, tiny_assets, GradFault(at={2}, value=float("nan"), param="lora_A"), training={"max_steps": 3})
     assert result.ok and result.skipped_steps == 1
     model = result.trainer.model
     assert all(torch.isfinite(p).all() for p in model.parameters())
