@@ -8,6 +8,7 @@ one path.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,8 @@ def build_tiny_model(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"stabguard: built tiny random Qwen3-VL ({n_params / 1e6:.2f}M params, seed {seed}) in {out}")
+    print(f"stabguard: built tiny random Qwen3-VL ({n_params / 1e6:.2f}M params, seed {seed}) in {out}",
+          file=sys.stderr, flush=True)
     return out
 
 
