@@ -15,7 +15,6 @@ import math
 from pydantic import Field
 
 from stabguard import GuardOptions, Verdict, hookimpl
-from stabguard.verdict import Action
 
 NAME = "nonfinite"
 
@@ -28,11 +27,6 @@ def cause_of(values: dict[str, float]) -> str | None:
     """``"loss"``, ``"gradients"``, ``"loss and gradients"``, or None when both are finite."""
     bad = [label for key, label in (("loss", "loss"), ("grad_norm", "gradients")) if not math.isfinite(values[key])]
     return " and ".join(bad) or None
-
-
-def decided_by(verdict, name: str) -> bool:
-    """Whether ``name`` is among the guards behind the (agreed) verdict."""
-    return verdict.action != Action.PROCEED and name in (verdict.guard or "").split(",")
 
 
 class NonFiniteGuard:
@@ -65,9 +59,9 @@ class NonFiniteGuard:
 
     @hookimpl
     def on_step_end(self, state):
-        if self._overflow and decided_by(state.verdict, NAME):
+        if self._overflow and state.verdict.decided_by(NAME):
             self.overflows += 1
-        elif decided_by(state.verdict, NAME):
+        elif state.verdict.decided_by(NAME):
             self.consecutive += 1
             self.total += 1
         else:

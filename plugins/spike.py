@@ -48,11 +48,6 @@ class Options(GuardOptions):
         return value
 
 
-def decided_by(verdict, name: str) -> bool:
-    """Whether ``name`` is among the guards behind the (agreed) verdict."""
-    return verdict.action != Action.PROCEED and name in (verdict.guard or "").split(",")
-
-
 def _keep(value, offload: bool):
     if not torch.is_tensor(value):
         return copy.deepcopy(value), None
@@ -160,7 +155,7 @@ class SpikeGuard:
 
     @hookimpl
     def on_step_end(self, state, events):
-        if state.verdict.action == Action.SKIP and decided_by(state.verdict, NAME):
+        if state.verdict.action == Action.SKIP and state.verdict.decided_by(NAME):
             self._roll_back(state, events)
         elif state.verdict.action == Action.PROCEED:
             loss = state.host()["loss"]

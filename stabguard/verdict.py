@@ -35,6 +35,10 @@ class Verdict:
     def stop(cls, reason: str, guard: str = "") -> Verdict:
         return cls(Action.STOP, reason, guard)
 
+    def decided_by(self, guard: str) -> bool:
+        """Whether ``guard`` is among the guards behind this (possibly combined) SKIP or STOP."""
+        return self.action != Action.PROCEED and guard in self.guard.split(",")
+
     def __str__(self) -> str:
         who = f"[{self.guard}] " if self.guard else ""
         return f"{self.action.name} {who}{self.reason}".rstrip()

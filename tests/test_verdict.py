@@ -39,3 +39,9 @@ def test_reasons_of_the_winning_severity_are_joined():
 def test_a_guard_returning_something_else_is_named():
     with pytest.raises(TypeError, match="pre_step returned 'skip please'"):
         combine([Verdict.proceed(), "skip please"])
+
+
+def test_decided_by_names_each_guard_of_a_combined_verdict():
+    out = combine([Verdict.skip("a", "nonfinite"), Verdict.skip("b", "spike")])
+    assert out.decided_by("spike") and out.decided_by("nonfinite") and not out.decided_by("grad_norm")
+    assert not Verdict.proceed().decided_by("")
