@@ -79,6 +79,7 @@ class GradNormGuard:
         self.threshold = None  # this step's adaptive clip, a device tensor
         self.adaptive_clips = 0  # a device tensor once adaptive clipping has started
         self.pre_clip = self.post_clip = self.max_since_log = None
+        self.alert_value = None  # this step's contribution to alert_stats, added if the step trains
 
     @hookimpl
     def pre_step(self, state, events):
@@ -98,6 +99,7 @@ class GradNormGuard:
         return None
 
     def _alert(self, step: int, norm: float, events) -> None:
+        self.alert_value = None
         if not math.isfinite(norm):
             return  # nonfinite's business; keep the statistics clean
         opts, stats = self.options, self.alert_stats
@@ -108,15 +110,18 @@ class GradNormGuard:
         elif opts.alert_z and z > opts.alert_z:
             events.alert(NAME, f"grad norm {norm:.3g} is {z:.1f} sigma above its running mean "
                          f"{stats.mean:.3g} at step {step}", step=step, grad_norm=norm, z=z)
-        # A spike must not widen the statistics it is judged against (ZClip does the same): add it capped.
+        # A spike must not widen the statistics it is judged against (ZClip does the same): add it capped,
+        # in on_step_end, and only if the step trains (a skipped step's norm is not the run's).
         spike = opts.alert_z and z > opts.alert_z
-        stats.add(stats.mean + opts.alert_z * stats.std() if spike else norm)
+        self.alert_value = stats.mean + opts.alert_z * stats.std() if spike else norm
 
     @hookimpl
     def on_step_end(self, state):
         if self.pre_clip is None or state.verdict.action != Action.PROCEED:
             self.post_clip = None
             return
+        if self.alert_value is not None:
+            self.alert_stats.add(self.alert_value)
         self.post_clip = self.pre_clip if state.max_norm is None else self.pre_clip.clamp(max=state.max_norm)
         if self.options.adaptive:
             # ZClip feeds the clipped norm back, so one spike does not widen the band it is judged by.

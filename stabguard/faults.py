@@ -2,8 +2,9 @@
 
 Not a guard and not loaded by default: name it in a recipe, ``plugins = ["stabguard.faults"]``, and say
 what to break in ``[guards.faults]``. Every fault happens where a real one would, before any guard
-looks: a NaN or a huge value in one LoRA gradient during the backward pass of the chosen optimizer steps.
-``recipes/pcb_tiny_faults.toml`` uses it.
+looks: a NaN or a huge value in one LoRA gradient during the backward pass of the chosen optimizer steps,
+or a finite damaging update (noise added to every trainable weight right after the chosen steps' update:
+nothing is non-finite, only the next losses show it). ``recipes/pcb_tiny_faults.toml`` uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class Options(GuardOptions):
     nan_grad_at: list[int] = Field(default_factory=list, description="optimizer steps whose gradient gets a NaN")
     grad_scale_at: list[int] = Field(default_factory=list, description="optimizer steps whose gradient is scaled")
     grad_scale: float = Field(default=1e4, gt=0, description="the factor for grad_scale_at")
+    damage_at: list[int] = Field(default_factory=list, description="optimizer steps whose update is followed "
+                                 "by noise on every trainable weight")
+    damage_std: float = Field(default=0.5, gt=0, description="the noise's standard deviation for damage_at")
 
 
 class FaultInjector:
@@ -44,8 +48,19 @@ class FaultInjector:
         return grad
 
     @hookimpl
-    def on_step_end(self, state):
+    def on_step_end(self, state, events):
         self.step = state.step + 1
+        if state.step in self.options.damage_at:
+            self._damage(state.model, state.step, events)
+
+    @torch.no_grad()
+    def _damage(self, model, step: int, events) -> None:
+        generator = torch.Generator().manual_seed(step)
+        for param in (p for p in model.parameters() if p.requires_grad):
+            noise = torch.randn(param.shape, generator=generator) * self.options.damage_std
+            param.add_(noise.to(param.device, param.dtype))
+        events.record(NAME, "info", f"fault: noise (std {self.options.damage_std:g}) added to every trainable "
+                      f"weight after step {step}'s update", step=step)
 
 
 @hookimpl

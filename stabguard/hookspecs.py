@@ -4,13 +4,21 @@ Implementations take any subset of a hook's parameters, by name; hooks are alway
 arguments, so new parameters can be added without breaking existing plugins. Every hook also receives
 ``events`` (the run's :class:`~stabguard.events.EventLog`) for recording decisions and alerts.
 
-The order inside one optimizer step::
+The order inside one optimizer step (stabguard/step.py reads the same way)::
 
-    pre_collate -> collate -> post_collate            (per micro-batch, in the data loader)
+    pre_collate -> collate -> post_collate     per micro-batch, in the data loader; verdicts are held
     forward/backward x gradient accumulation
     post_backward(state)    one shared pass over the gradients has filled state.grad_norm
-    pre_step(state)         verdicts: STOP > SKIP > PROCEED, agreed across ranks
+    pre_step(state)         verdicts, with the held data verdicts: STOP > ROLLBACK > SKIP > PROCEED,
+                            agreed across ranks, then applied
+    on_rollback(state, restored_step)          after a ROLLBACK restored the last verified snapshot
+    on_step_end(state)      after the Trainer applied (or dropped) the update
     on_log(logs, state)     on logging steps only
+
+A hook that raises does not crash one rank: the core records an ``error`` event naming the hook, the
+plugin, the rank and the samples, and turns it into a STOP that every rank agrees on at the next
+decision (``stabguard run`` exits 4; 1 when the exception is a :class:`stabguard.GuardError`). An
+``on_alert`` implementation that raises is recorded as an ``error`` event and training goes on.
 """
 
 from __future__ import annotations
@@ -93,7 +101,10 @@ def pre_collate(samples, events):
     :param samples: list of sample dicts (``id``, ``messages``, ``images``). Implementations may edit
         the list in place (drop or repair samples); the collator sees what is left.
     :param events: the run's event log.
-    :return: ignored; every implementation is called.
+    :return: a :class:`~stabguard.Verdict` or None. Verdicts are held with the batch and combined
+        into the decision of the optimizer step that trains on it (agreed across ranks): SKIP drops
+        that step, STOP ends the run. The micro-batch still runs forward/backward, so every rank
+        stays in step.
     """
 
 
@@ -105,8 +116,8 @@ def post_collate(batch, samples, events):
         may be edited in place (for example labels of a bad sample set to -100).
     :param samples: the sample dicts the batch was built from, in batch order.
     :param events: the run's event log.
-    :return: ignored; every implementation is called. Raise :class:`stabguard.GuardError` to end
-        the run with a message naming the sample.
+    :return: a :class:`~stabguard.Verdict` or None, held and combined as for ``pre_collate``.
+        Raising :class:`stabguard.GuardError` also ends the run (on every rank), with the message.
     """
 
 
@@ -123,7 +134,7 @@ def post_backward(state, events):
     micro-batches) are device tensors computed in one pass; read them instead of touching the
     gradients again. Use ``state.host()`` for Python floats (one shared host sync per step).
 
-    :param state: the :class:`~stabguard.trainer.StepState` of this optimizer step.
+    :param state: the :class:`~stabguard.step.StepState` of this optimizer step.
     :param events: the run's event log.
     :return: ignored; every implementation is called.
     """
@@ -137,12 +148,27 @@ def pre_step(state, events):
     gradients clipped calls ``state.clip_to(max_norm)`` (the smallest request wins; clipping uses the
     shared norm).
 
-    :param state: the :class:`~stabguard.trainer.StepState` of this optimizer step.
+    :param state: the :class:`~stabguard.step.StepState` of this optimizer step.
     :param events: the run's event log.
-    :return: a :class:`~stabguard.Verdict` or None (None means proceed). All results are combined:
-        STOP > SKIP > PROCEED, then agreed across ranks (the most severe wins everywhere).
-        SKIP drops the gradients: no optimizer step, no scheduler step. STOP saves a checkpoint of
-        the last good state and ends the run with the verdict's reason.
+    :return: a :class:`~stabguard.Verdict` or None (None means proceed). All results are combined
+        with the held data verdicts: STOP > ROLLBACK > SKIP > PROCEED, then agreed across ranks (the
+        most severe wins everywhere). SKIP drops the gradients: no optimizer step, no scheduler step.
+        ROLLBACK also restores the last verified snapshot (weights and optimizer state). STOP
+        restores it too, saves it as a checkpoint and ends the run with the verdict's reason.
+    """
+
+
+@hookspec
+def on_rollback(state, restored_step, events):
+    """A ROLLBACK restored the weights and optimizer state of the last verified snapshot.
+
+    Fires on every rank, after the restore and before ``on_step_end``. Guards whose statistics describe
+    the weights (a loss window) rewind them here, so the restored state is judged by its own history.
+
+    :param state: the :class:`~stabguard.step.StepState` of the rolled-back step.
+    :param restored_step: the step after which the restored state was taken (0: before any update).
+    :param events: the run's event log.
+    :return: ignored; every implementation is called.
     """
 
 
@@ -150,7 +176,7 @@ def pre_step(state, events):
 def on_step_end(state, events):
     """The optimizer step has been applied, skipped or stopped (``state.verdict`` says which).
 
-    :param state: the :class:`~stabguard.trainer.StepState` of this optimizer step.
+    :param state: the :class:`~stabguard.step.StepState` of this optimizer step.
     :param events: the run's event log.
     :return: ignored; every implementation is called.
     """
@@ -162,7 +188,7 @@ def on_log(logs, state, events):
 
     :param logs: the dict about to be logged; add ``stabguard/<name>`` metrics in place. They reach
         ``trainer_state.json`` and every ``report_to`` integration (TensorBoard, ...).
-    :param state: the last :class:`~stabguard.trainer.StepState`, or None before the first step.
+    :param state: the last :class:`~stabguard.step.StepState`, or None before the first step.
     :param events: the run's event log.
     :return: ignored; every implementation is called.
     """
@@ -204,7 +230,7 @@ def on_alert(alert):
 def on_train_end(state, reason, events):
     """Training has ended, normally or by a STOP verdict.
 
-    :param state: the last :class:`~stabguard.trainer.StepState`, or None if no step ran.
+    :param state: the last :class:`~stabguard.step.StepState`, or None if no step ran.
     :param reason: None after a normal end, the STOP reason otherwise.
     :param events: the run's event log.
     :return: ignored; every implementation is called.

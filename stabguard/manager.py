@@ -8,7 +8,9 @@ from a recipe's ``plugins = ["my_module"]``.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import pluggy
 
 from stabguard import hookspecs
 from stabguard.options import GuardOptions
+from stabguard.verdict import GuardError, HookError, HookRefusal
 
 ENTRY_POINT_GROUP = "stabguard"
 AUTOLOAD_ENV = "STABGUARD_DISABLE_PLUGIN_AUTOLOAD"
@@ -92,7 +95,15 @@ class Plugins:
         if self.pm.is_blocked(name):
             return
         self.pm.register(plugin, name=name)
+        self._name_failures(plugin)
         self.info[name] = PluginInfo(name, source, version or _version_of(plugin), plugin)
+
+    def _name_failures(self, plugin: Any) -> None:
+        """An exception from any of the plugin's hooks becomes a HookError naming the hook and plugin."""
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper):
+                    impl.function = _naming_failures(impl.function, caller.name, impl.plugin_name)
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -115,6 +126,7 @@ class Plugins:
         for plugin, dist in self.pm.list_plugin_distinfo():
             if plugin in before:
                 continue
+            self._name_failures(plugin)
             name = self.pm.get_name(plugin)
             self.info[name] = PluginInfo(name, "entry point", f"{dist.metadata['name']} {dist.version}", plugin)
         return count
@@ -150,6 +162,24 @@ class Plugins:
     def hooks_of(self, name: str) -> list[str]:
         plugin = self.pm.get_plugin(name)
         return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+
+
+def _naming_failures(function: Callable, hook: str, plugin: str) -> Callable:
+    if inspect.isgeneratorfunction(function) or getattr(function, "_stabguard_named", False):
+        return function
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except HookError:
+            raise
+        except Exception as exc:
+            kind = HookRefusal if isinstance(exc, GuardError) else HookError
+            raise kind(hook, plugin, exc, rank=int(os.environ.get("RANK", "0"))) from exc
+
+    call._stabguard_named = True
+    return call
 
 
 def _version_of(plugin: Any) -> str:

@@ -94,6 +94,14 @@ class DataSection(Section):
     bad_rows: Literal["error", "skip"] = "error"  # skip: leave bad rows/images out, each one an event
 
 
+class SnapshotSection(Section):
+    """The core's verified snapshot: what a ROLLBACK restores and a STOP saves."""
+
+    every: int = Field(default=1, ge=0, description="optimizer steps between snapshots; 0: none (a STOP "
+                       "then saves the current, unverified state and rollbacks act as skips)")
+    offload: bool = Field(default=False, description="keep the snapshot in CPU memory, not on the device")
+
+
 class Recipe(BaseModel):
     """A validated recipe. ``training`` holds the keyword arguments for ``TrainingArguments``."""
 
@@ -108,6 +116,7 @@ class Recipe(BaseModel):
     training: dict[str, Any]
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    snapshots: SnapshotSection = Field(default_factory=SnapshotSection)
     guards: dict[str, GuardOptions] = Field(default_factory=dict)
 
     def training_arguments(self) -> dict[str, Any]:
@@ -163,7 +172,8 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseMod
 def _check_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Validate every section but ``guards`` and ``training``; return the parsed sections."""
     fields = {"plugins": list, "block_plugins": list, "max_consecutive_skips": int, "model": ModelSection,
-              "data": DataSection, "lora": LoraSection, "quantization": QuantizationSection}
+              "data": DataSection, "lora": LoraSection, "quantization": QuantizationSection,
+              "snapshots": SnapshotSection}
     known = set(fields) | {"training", "guards"}
     errors = [(key, f"unknown section; known: {', '.join(sorted(known))}") for key in raw if key not in known]
     parsed: dict[str, Any] = {}

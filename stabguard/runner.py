@@ -6,14 +6,18 @@ Everything the run decides goes to ``<output_dir>/events.jsonl``; the Trainer wr
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stabguard.events import EventLog
+import transformers
+
+from stabguard.events import EventLog, new_run_id
 from stabguard.manager import Plugins
 from stabguard.recipe import Recipe, RecipeError, load_recipe, plugin_lists
+from stabguard.verdict import GuardError
+
+EVENTS_FILE = "events.jsonl"
 
 
 @dataclass
@@ -23,6 +27,8 @@ class RunResult:
     global_step: int
     skipped_steps: int
     trainer: object = None
+    run_id: str = ""
+    error: str = ""  # a STOP made from a hook that raised: "crash" or "refused"
 
     @property
     def ok(self) -> bool:
@@ -56,10 +62,8 @@ def ensure_data(recipe: Recipe) -> None:
     synth_pcb(train.parent, **options)
 
 
-def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog):
+def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog, args):
     """Load data and model, run the set-up hooks, and return a ready GuardTrainer."""
-    from transformers import TrainingArguments
-
     from stabguard.collate import ChatCollator
     from stabguard.data import ConversationDataset
     from stabguard.models import load_model
@@ -70,14 +74,17 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog):
     train = ConversationDataset(recipe.data.train, **bad)
     val = ConversationDataset(recipe.data.val, **bad) if recipe.data.val else None
     say(f"{len(train)} training conversations from {recipe.data.train}")
+    # Everything random follows training.seed: LoRA's initialisation happens here, before the Trainer
+    # seeds (again) for data order and dropout.
+    transformers.set_seed(args.seed)
     model, processor = load_model(recipe.model, recipe.lora, recipe.quantization)
     plugins.hook.setup_model(model=model, processor=processor, recipe=recipe, events=events)
-    args = TrainingArguments(**recipe.training_arguments())
     collator = ChatCollator(processor, max_length=recipe.data.max_length, truncation=recipe.data.truncation,
                             padding_side=recipe.data.padding_side, events=events)
     return GuardTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=collator,
                         processing_class=processor, plugins=plugins, events=events,
-                        max_consecutive_skips=recipe.max_consecutive_skips)
+                        max_consecutive_skips=recipe.max_consecutive_skips,
+                        snapshot_every=recipe.snapshots.every, snapshot_offload=recipe.snapshots.offload)
 
 
 def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: Plugins | None = None) -> RunResult:
@@ -85,27 +92,61 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     recipe, plugins = prepare(recipe_path, plugins)
     enabled = plugins.enable_guards(recipe.guards)
     output_dir = Path(recipe.training["output_dir"])
-    # Every rank decides the same; only the main process writes the log.
-    path = output_dir / "events.jsonl" if os.environ.get("RANK", "0") == "0" else None
-    events = EventLog(path, on_alert=lambda alert: plugins.hook.on_alert(alert=alert))
-    say(f"guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
-    events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled,
-                  max_grad_norm=recipe.training_arguments().get("max_grad_norm", 1.0),
-                  max_steps=recipe.training.get("max_steps"))
+    args = transformers.TrainingArguments(**recipe.training_arguments())  # under torchrun: joins the group
+    rank = args.process_index
+    events = EventLog(output_dir / EVENTS_FILE, on_alert=lambda alert: plugins.hook.on_alert(alert=alert),
+                      run=shared_run_id(), rank=rank)
+    say(f"run {events.run}; guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
+    events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled, resume=str(resume),
+                  max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, seed=args.seed,
+                  world_size=args.world_size)
     try:
         plugins.hook.configure(recipe=recipe, events=events)
-        trainer = build_trainer(recipe, plugins, events)
-        trainer.train(resume_from_checkpoint=resume)
+        trainer = build_trainer(recipe, plugins, events, args)
+        trainer.train(resume_from_checkpoint=resolve_resume(output_dir, resume))
         trainer.save_state()
         for dataset in (trainer.train_dataset, trainer.eval_dataset):
             if getattr(dataset, "skipped", None):  # data.bad_rows = "skip": say what was left out
                 say(dataset.summary())
-        if trainer.stop_reason is None:
+        verdict = trainer.stop_verdict or _unapplied_failure(trainer)
+        if verdict is None:
             trainer.save_model()
-        return RunResult(output_dir, trainer.stop_reason, trainer.state.global_step, trainer.skipped_steps, trainer)
+        return RunResult(output_dir, trainer.stop_reason or (verdict and verdict.reason), trainer.state.global_step,
+                         trainer.skipped_steps, trainer, events.run, verdict.error if verdict else "")
     except Exception as exc:
         # The reason goes into the log beside every decision before it; checkpoints already written stay.
         events.record("core", "error", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         events.close()
+
+
+def _unapplied_failure(trainer):
+    """A hook that raised after the last step's agreement: no step was left to stop, but the run failed."""
+    return next((v for v in trainer.guarded.held if v.error), None)
+
+
+def shared_run_id() -> str:
+    """A new run id, the same on every rank (rank 0's)."""
+    import torch.distributed as dist
+
+    run_id = [new_run_id()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def resolve_resume(output_dir: Path, resume: str | bool | None) -> str | None:
+    """``True`` ("--resume last"): the newest *complete* checkpoint (its guard state is written last)."""
+    if resume is not True:
+        return resume or None
+    from stabguard.trainer import GUARD_STATE_FILE
+
+    complete = [p for p in output_dir.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()
+                and (p / GUARD_STATE_FILE).is_file() and (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise GuardError(f"--resume last: no complete checkpoint in {output_dir} (a complete one holds "
+                         f"trainer_state.json and stabguard_state.json)")
+    newest = max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+    say(f"resuming from {newest}")
+    return str(newest)

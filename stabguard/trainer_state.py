@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stabguard.events import read_events
+from stabguard.events import events_of_run, read_events, run_ids
 
 STATE_FILE = "trainer_state.json"
 EVENTS_FILE = "events.jsonl"
@@ -54,6 +54,8 @@ class RunState:
     max_grad_norm: float | None = None
     step_times: list[tuple[int, float]] = field(default_factory=list)
     updated: float | None = None
+    run_id: str | None = None  # the run of events.jsonl shown ("all": every run); None for a plain HF run
+    runs: list[str] = field(default_factory=list)  # every run id in events.jsonl, oldest first
 
     @property
     def finished(self) -> bool:
@@ -136,15 +138,15 @@ def read_trainer_state(output_dir: str | Path, *, retries: int = 5, delay: float
 class TrainerStateReader:
     """Reads a run again and again (a monitor); a read that fails falls back to the last good one."""
 
-    def __init__(self, output_dir: str | Path, *, retries: int = 3, delay: float = 0.1):
+    def __init__(self, output_dir: str | Path, *, retries: int = 3, delay: float = 0.1, run: str | None = None):
         self.output_dir = Path(output_dir)
-        self.retries, self.delay = retries, delay
+        self.retries, self.delay, self.run = retries, delay, run
         self.last_good: RunState | None = None
         self.last_error: str | None = None
 
     def read(self) -> RunState:
         try:
-            self.last_good = load_run(self.output_dir, retries=self.retries, delay=self.delay)
+            self.last_good = load_run(self.output_dir, retries=self.retries, delay=self.delay, run=self.run)
             self.last_error = None
         except TrainerStateError as exc:
             self.last_error = str(exc)
@@ -153,19 +155,27 @@ class TrainerStateReader:
         return self.last_good
 
 
-def load_run(output_dir: str | Path, *, retries: int = 5, delay: float = 0.1) -> RunState:
+def load_run(output_dir: str | Path, *, retries: int = 5, delay: float = 0.1, run: str | None = None) -> RunState:
     """Everything the monitor and the report need from an output directory.
 
+    ``run``: which run of ``events.jsonl`` (a fresh run and each resume are runs): the latest by default,
+    an id or its prefix, or "all". The log history is cut to the chosen run's steps too.
     Before the first checkpoint a stabguard run has only ``events.jsonl``: that is read alone then.
     """
     output_dir = Path(output_dir)
-    events = read_run_events(output_dir)
+    every = read_run_events(output_dir)
+    try:
+        events = events_of_run(every, run)
+    except ValueError as exc:
+        raise TrainerStateError(f"{output_dir / EVENTS_FILE}: {exc}") from None
     if events and find_trainer_state(output_dir) is None:
         source, state = output_dir / EVENTS_FILE, {"log_history": []}
     else:
         source, state = read_trainer_state(output_dir, retries=retries, delay=delay)
     history, summary = split_log_history(state["log_history"])
     history = merge_logged_events(history, events)
+    if run != "all":
+        history, summary = steps_of_run(history, summary, events)
     steps = [e["step"] for e in history + events if isinstance(e.get("step"), int)]
     run = RunState(output_dir=output_dir, source=source, global_step=int(state.get("global_step") or max(steps, default=0)),
                    max_steps=state.get("max_steps") or None, history=history, summary=summary, events=events)
@@ -173,7 +183,19 @@ def load_run(output_dir: str | Path, *, retries: int = 5, delay: float = 0.1) ->
     run.max_grad_norm = clip if clip and clip > 0 else None  # 0: the run did not clip
     run.step_times = step_times(output_dir, events)
     run.updated = max((t for _, t in run.step_times), default=_mtime(source))
+    run.runs = run_ids(every)
+    run.run_id = run if run == "all" else (str(events[0].get("run", "")) if events else None)
     return run
+
+
+def steps_of_run(history: list[dict], summary: dict | None, events: list[dict]) -> tuple[list[dict], dict | None]:
+    """The log lines after the step this run started from (a resumed run's history holds the earlier ones)."""
+    start = next((e["values"]["start_step"] for e in events if "start_step" in (e.get("values") or {})), None)
+    if not start:
+        return history, summary
+    if summary is not None and summary.get("step", 0) <= start:  # the end of an earlier run
+        summary = None
+    return [e for e in history if e.get("step", 0) > start], summary
 
 
 def split_log_history(log_history: list[dict]) -> tuple[list[dict], dict | None]:

@@ -13,7 +13,7 @@ import os
 import torch
 from support import tiny_recipe, write_recipe
 
-from stabguard import hookimpl
+from stabguard import Verdict, hookimpl
 from stabguard.manager import Plugins
 from stabguard.runner import run
 
@@ -35,10 +35,10 @@ def guard_plugins(*test_plugins, guards=GUARDS) -> Plugins:
     return plugins
 
 
-def run_guarded(tmp_path, assets, *test_plugins, training=None, guards=None, resume=None, enabled=GUARDS):
-    """One tiny run with the gradient guards; returns (RunResult, Plugins)."""
+def run_guarded(tmp_path, assets, *test_plugins, training=None, guards=None, resume=None, enabled=GUARDS, **top):
+    """One tiny run with the gradient guards; returns (RunResult, Plugins). ``top``: recipe top-level keys."""
     plugins = guard_plugins(*test_plugins, guards=enabled)
-    recipe = tiny_recipe(assets, tmp_path / "out", training=training, guards=guards)
+    recipe = tiny_recipe(assets, tmp_path / "out", training=training, guards=guards, **top)
     return run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins, resume=resume), plugins
 
 
@@ -118,6 +118,18 @@ def same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
     return (pa.keys() == pb.keys() and all(torch.equal(pa[n], pb[n]) for n in pa)
             and oa.keys() == ob.keys()
             and all(oa[n].keys() == ob[n].keys() and all(torch.equal(oa[n][k], ob[n][k]) for k in oa[n]) for n in oa))
+
+
+class StopAt:
+    """A guard that stops the run at step ``k``."""
+
+    def __init__(self, k):
+        self.k = k
+
+    @hookimpl
+    def pre_step(self, state):
+        if state.step == self.k:
+            return Verdict.stop("test says stop", "stop-at")
 
 
 class StepProbe:

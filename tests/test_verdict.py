@@ -37,7 +37,7 @@ def test_reasons_of_the_winning_severity_are_joined():
 
 
 def test_a_guard_returning_something_else_is_named():
-    with pytest.raises(TypeError, match="pre_step returned 'skip please'"):
+    with pytest.raises(TypeError, match="a hook returned 'skip please'"):
         combine([Verdict.proceed(), "skip please"])
 
 

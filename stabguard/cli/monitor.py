@@ -133,12 +133,20 @@ def snapshot(run: RunState, diagnosis: Diagnosis, now: float | None = None) -> t
     """A title and the rows both views show."""
     age = f", updated {duration((now or time.time()) - run.updated)} ago" if run.updated else ""
     source = run.source.relative_to(run.output_dir) if run.source.is_relative_to(run.output_dir) else run.source
-    title = f"stabguard monitor: {run.output_dir} ({source}{age})"
+    title = f"stabguard monitor: {run.output_dir} ({source}{age}){run_label(run)}"
     rows = [Row("status", diagnosis.health.upper(), diagnosis.health), *progress_rows(run), loss_row(run),
             grad_norm_row(run), lr_row(run), *event_rows(run)]
     rows += [Row("diagnosis" if i == 0 else "", f"[{f.severity}] {f.text}", f.severity)
              for i, f in enumerate(diagnosis.findings)]
     return title, rows
+
+
+def run_label(run: RunState) -> str:
+    """Which run of events.jsonl is shown, when the folder holds more than one."""
+    if len(run.runs) < 2:
+        return ""
+    which = "every run" if run.run_id == "all" else f"run {run.run_id}"
+    return f"; {which} of {len(run.runs)} (--run ID|all)"
 
 
 def plain_text(title: str, rows: list[Row]) -> str:
@@ -196,13 +204,15 @@ def _read_view(reader: TrainerStateReader):
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
               help="seconds between refreshes")
 @click.option("--once", is_flag=True, help="print one plain-text snapshot; exit 1 if unhealthy, 2 if nothing to read")
-def command(output_dir, interval, once):
+@click.option("--run", "run_id", default=None, metavar="ID|all",
+              help="which run of events.jsonl to show (a resume is a new run); default: the latest")
+def command(output_dir, interval, once, run_id):
     """Watch a training run's OUTPUT_DIR (any Hugging Face Trainer run; stabguard events when present).
 
     Thresholds from the source note: pre-clip grad norm below 1 is fine, above 10 is trouble
     (the grad_norm guard's own alert line when its alerts name one).
     """
-    reader = TrainerStateReader(output_dir)
+    reader = TrainerStateReader(output_dir, run=run_id)
     if not once:
         raise SystemExit(watch(reader, interval))
     try:

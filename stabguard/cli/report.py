@@ -192,10 +192,12 @@ def render(run: RunState, output: Path, *, clip: float | None = None, alert: flo
               help="clip line to draw when the run does not record its max_grad_norm")
 @click.option("--alert-above", type=click.FloatRange(min=0, min_open=True), default=None,
               help="alert line (default: the grad_norm guard's, else 10)")
-def command(output_dir, output, clip, alert_above):
+@click.option("--run", "run_id", default=None, metavar="ID|all",
+              help="which run of events.jsonl to show (a resume is a new run); default: the latest")
+def command(output_dir, output, clip, alert_above, run_id):
     """Plot a training run's OUTPUT_DIR (any Hugging Face Trainer run) with a written diagnosis."""
     try:
-        run = load_run(output_dir)
+        run = load_run(output_dir, run=run_id)
     except TrainerStateError as exc:
         click.echo(f"stabguard report: {exc}", err=True)
         raise SystemExit(2) from None

@@ -1,13 +1,18 @@
-"""``stabguard run RECIPE``: train; a STOP verdict exits 3 with the reason; bad data or a refused set-up exits 1."""
+"""``stabguard run RECIPE``: train as the recipe says.
+
+Exit codes: 0 done; 1 a guard refused (set-up, data: a GuardError); 2 recipe errors; 3 a guard stopped the
+run (a STOP verdict); 4 a plugin's hook crashed (its exception, with the hook, plugin and rank). With 1, 3
+and 4 during training the last verified state is saved as a checkpoint when a step ran.
+"""
 
 from __future__ import annotations
 
 import click
 
 from stabguard.recipe import RecipeError
-from stabguard.verdict import GuardError
+from stabguard.verdict import GuardError, HookError
 
-EXIT_RECIPE, EXIT_GUARD, EXIT_STOPPED = 2, 1, 3
+EXIT_RECIPE, EXIT_GUARD, EXIT_STOPPED, EXIT_CRASHED = 2, 1, 3, 4
 
 
 @click.command("run")
@@ -29,14 +34,18 @@ def command(recipe, resume):
     except (GuardError, DataError, CollateError) as exc:
         click.echo(f"stabguard: refused: {exc}", err=True)
         raise SystemExit(EXIT_GUARD) from None
+    except HookError as exc:
+        click.echo(f"stabguard: a plugin failed: {exc}", err=True)
+        raise SystemExit(EXIT_CRASHED) from None
     if not result.ok:
-        click.echo(f"stabguard: STOPPED at {result.stop_reason}", err=True)
+        word = {"crash": "a plugin failed", "refused": "refused"}.get(result.error, "STOPPED")
+        click.echo(f"stabguard: {word} at {result.stop_reason}", err=True)
         click.echo(f"stabguard: last good state saved under {result.output_dir}; events in "
                    f"{result.output_dir / 'events.jsonl'}", err=True)
         from stabguard.hints import hints_for
 
         for hint in hints_for(result.output_dir, result.stop_reason):
             click.echo(f"stabguard: try: {hint}", err=True)
-        raise SystemExit(EXIT_STOPPED)
+        raise SystemExit({"crash": EXIT_CRASHED, "refused": EXIT_GUARD}.get(result.error, EXIT_STOPPED))
     click.echo(f"stabguard: done: {result.global_step} steps ({result.skipped_steps} skipped); "
                f"outputs in {result.output_dir}")

@@ -139,7 +139,9 @@ def test_consecutive_poisoned_batches_stop_with_a_checkpoint(tmp_path, tiny_asse
     assert result.stop_reason.startswith("step 4: nonfinite: 2 consecutive non-finite steps")
     checkpoint = result.output_dir / "checkpoint-3"
     saved = json.loads((checkpoint / "stabguard_state.json").read_text())
-    assert saved["plugins"]["guard:nonfinite"] == {"consecutive": 1, "total": 1}  # the state after step 3
+    # The last verified state: step 2's loss judged the weights after step 1 (step 3's NaN leaves the
+    # weights after step 2 unjudged); the guard state is the one of that moment.
+    assert saved["verified_step"] == 1 and saved["plugins"]["guard:nonfinite"] == {"consecutive": 0, "total": 0}
     assert not (result.output_dir / "checkpoint-4").exists()
     stops = [e for e in read_events(result.output_dir / "events.jsonl") if e["kind"] == "stop"]
     assert [e["step"] for e in stops] == [4] and stops[0]["values"]["checkpoint"].endswith("checkpoint-3")
@@ -156,6 +158,6 @@ def test_resume_restores_every_gradient_guards_state(tmp_path, tiny_assets):
     guards = {name: spec.instance for name, spec in plugins.guards.items()}
     assert guards["nonfinite"].total == 1 and guards["nonfinite"].consecutive == 0
     assert guards["grad_norm"].alert_stats.count == saved["grad_norm"]["alert"]["count"] + 2
-    assert list(guards["spike"].losses)[:2] == saved["spike"]["losses"] and len(guards["spike"].losses) == 4
+    assert guards["spike"].state_dict()["losses"][:2] == saved["spike"]["losses"] and len(guards["spike"].losses) == 4
     logged = json.loads((resumed.output_dir / "trainer_state.json").read_text())["log_history"]
     assert [e["stabguard/nonfinite_steps"] for e in logged if e.get("step") in (4, 5) and "loss" in e] == [1, 1]

@@ -1,0 +1,63 @@
+"""Every private name of transformers and accelerate that the guarded step relies on, in one place.
+
+The Trainer has no public way to veto an optimizer step, so the step hooks into a few of its private
+seams. Each one is named here, and ``tests/test_seams.py`` checks every entry of ``SEAMS``: a release
+that moves one fails that test with the seam's name, instead of giving NaN logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# (owner, name, what stabguard does with it). Overridden methods are also checked to be called by the loop.
+SEAMS = [
+    ("transformers.Trainer", "_clip_grad_norm", "overridden: called once per optimizer step after accumulation; "
+                                                "the guarded step runs here"),
+    ("transformers.Trainer", "_get_grad_norm", "overridden: reached instead when max_grad_norm == 0"),
+    ("transformers.Trainer", "_save_checkpoint", "overridden: guard state is written into every checkpoint"),
+    ("transformers.Trainer", "_load_from_checkpoint", "overridden: guard state is read back on resume"),
+    ("transformers.Trainer", "_get_output_dir", "where checkpoints go"),
+    ("transformers.Trainer", "_tr_loss", "the on-device loss sum since the last log line; a dropped step's "
+                                         "loss is taken back out"),
+    ("accelerate.optimizer.AcceleratedOptimizer", "_is_overflow", "set for a dropped step: the Trainer then "
+                                                                  "holds the LR scheduler"),
+    ("accelerate.optimizer.AcceleratedOptimizer", "scaler", "fp16 AMP's GradScaler; a skipped step closes it"),
+]
+
+
+def loss_sum(trainer) -> torch.Tensor | None:
+    """The Trainer's running loss since its last log line (a device tensor), or None before training."""
+    return getattr(trainer, "_tr_loss", None)
+
+
+def output_dir(trainer) -> Path:
+    return Path(trainer._get_output_dir(trial=None))
+
+
+def grad_scaler(optimizer):
+    """fp16 AMP's GradScaler of an accelerate-wrapped optimizer, or None."""
+    return getattr(optimizer, "scaler", None)
+
+
+def mark_step_skipped(optimizer, skipped: bool) -> None:
+    """Tell the Trainer whether this optimizer step was skipped; a skipped step holds the LR scheduler.
+
+    accelerate's ``optimizer_step_was_skipped`` reads ``_is_overflow``, which the GradScaler sets under
+    fp16 AMP. For a dropped step the next ``optimizer.step()`` is replaced by a one-shot no-op that sets
+    the flag (and closes the scaler's step as a skipped AMP step does).
+    """
+    scaler = grad_scaler(optimizer)
+    if not skipped:
+        if hasattr(optimizer, "_is_overflow") and scaler is None:
+            optimizer._is_overflow = False
+        return
+
+    def skipped_step(*args, **kwargs):
+        del optimizer.step  # one call only: the real step is back for the next optimizer step
+        optimizer._is_overflow = True
+        if scaler is not None:
+            scaler.update()
+
+    optimizer.step = skipped_step

@@ -1,0 +1,307 @@
+"""The guarded optimizer step, top to bottom: measure -> decide -> agree -> apply -> notify.
+
+``GuardTrainer`` calls :meth:`GuardedStep.run` once per optimizer step, after the gradients of every
+micro-batch are accumulated and before ``optimizer.step()``:
+
+- **measure**: one fused pass over the gradients gives the global norm; the step's loss is the sum of
+  its micro-batch losses. Both stay on the device; ``StepState.host()`` is the one shared sync.
+- **decide**: ``post_backward``, then ``pre_step`` verdicts, plus the verdicts the data hooks gave for
+  this step's micro-batches. A hook that raises becomes a STOP naming the hook, plugin, rank and samples.
+- **agree**: the most severe verdict of any rank, on every rank (STOP > ROLLBACK > SKIP > PROCEED).
+- **apply**: PROCEED takes a snapshot when one is due, then clips; SKIP drops the gradients and holds the
+  optimizer and the LR scheduler; ROLLBACK is a SKIP that also restores the last verified snapshot;
+  STOP restores it too, writes it as a checkpoint and ends the run.
+- **notify**: one event per decision; ``on_step_end`` after the Trainer has applied the step.
+
+A snapshot is only ever *verified*: it is taken at a PROCEED decision, just before the update, so the
+weights it holds are the ones whose loss every guard has just judged finite and not a spike.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stabguard import seams
+from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
+
+
+@dataclass
+class StepState:
+    """One optimizer step as the guards see it.
+
+    :ivar step: the optimizer step being decided, 1-based (the Trainer's ``global_step`` after it).
+    :ivar grad_norm: pre-clip global L2 norm of the accumulated gradients (0-dim device tensor).
+    :ivar loss: the step's loss, summed over its micro-batches (0-dim device tensor).
+    :ivar model: the model being trained.
+    :ivar optimizer: the optimizer (accelerate-wrapped).
+    :ivar samples: ids of the samples of this step's micro-batches, in order.
+    :ivar max_norm: the clip requested so far (``clip_to``), or None.
+    :ivar loss_scaled: fp16 AMP: a GradScaler is active (inf gradients may be its overflow).
+    :ivar verdict: the agreed verdict, set before ``on_step_end``.
+    :ivar restored_step: after a ROLLBACK or STOP, the step whose state was restored, else None.
+    """
+
+    step: int
+    grad_norm: torch.Tensor
+    loss: torch.Tensor
+    model: Any = field(repr=False, default=None)
+    optimizer: Any = field(repr=False, default=None)
+    samples: list[str] = field(default_factory=list)
+    max_norm: float | torch.Tensor | None = None
+    loss_scaled: bool = False
+    verdict: Verdict = field(default_factory=Verdict.proceed)
+    restored_step: int | None = None
+    _host: dict[str, float] | None = field(default=None, repr=False)
+
+    def host(self) -> dict[str, float]:
+        """``{"grad_norm": float, "loss": float}``; the first call syncs, later calls are free."""
+        if self._host is None:
+            values = torch.stack([self.grad_norm.float(), self.loss.float().to(self.grad_norm.device)]).tolist()
+            self._host = {"grad_norm": values[0], "loss": values[1]}
+        return self._host
+
+    def clip_to(self, max_norm: float | torch.Tensor) -> None:
+        """Ask for the gradients to be clipped to ``max_norm``; the smallest request wins.
+
+        A 0-dim device tensor (an adaptive threshold) is combined and applied without a host sync.
+        """
+        if self.max_norm is None:
+            self.max_norm = max_norm
+        elif torch.is_tensor(self.max_norm) or torch.is_tensor(max_norm):
+            tensor, other = (self.max_norm, max_norm) if torch.is_tensor(self.max_norm) else (max_norm, self.max_norm)
+            self.max_norm = tensor.clamp(max=other)
+        else:
+            self.max_norm = min(self.max_norm, max_norm)
+
+
+class GuardedStep:
+    """The core's side of every optimizer step: counters, held data verdicts, the verified snapshot."""
+
+    def __init__(self, plugins, events, *, max_consecutive_skips: int = 20, snapshot_every: int = 1,
+                 snapshot_offload: bool = False):
+        self.plugins, self.events = plugins, events
+        self.max_consecutive_skips = max_consecutive_skips
+        self.snapshot_every, self.snapshot_offload = snapshot_every, snapshot_offload
+        self.skipped_steps = self.consecutive_skips = self.rollbacks = 0
+        self.dropped_this_run = 0  # skipped, rolled back or stopped steps since train() started
+        self.snapshot: Snapshot | None = None
+        self.since_snapshot: dict[int, list[str]] = {}  # samples of the updates a restore would undo
+        self.micro_losses: list[torch.Tensor] = []
+        self.samples: list[str] = []
+        self.held: list[Verdict] = []  # data verdicts of this step's micro-batches
+
+    # -- what the micro-batches bring -------------------------------------------------------------
+
+    def add_micro_batch(self, loss: torch.Tensor, samples: list[str], verdict: Verdict | None) -> None:
+        self.micro_losses.append(loss)
+        self.samples += samples
+        if verdict is not None:
+            self.held.append(verdict)
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def run(self, trainer, model) -> StepState:
+        hook = self.plugins.hook
+
+        # Measure: one fused pass over the (fp16: unscaled) gradients; every guard reads this norm.
+        trainer.accelerator.unscale_gradients()
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = global_grad_norm(params)
+        loss = torch.stack(self.micro_losses).sum() if self.micro_losses else torch.zeros((), device=grad_norm.device)
+        state = StepState(step=trainer.state.global_step + 1, grad_norm=grad_norm, loss=loss, model=model,
+                          optimizer=trainer.optimizer, samples=self.samples,
+                          loss_scaled=seams.grad_scaler(trainer.optimizer) is not None)
+        self.micro_losses, self.samples = [], []
+        if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
+            state.clip_to(trainer.args.max_grad_norm)
+
+        # Decide: the guards' verdicts and the data verdicts held from collation; a hook that raises stops.
+        verdicts, self.held = self.held, []
+        try:
+            hook.post_backward(state=state, events=self.events)
+            verdicts += hook.pre_step(state=state, events=self.events)
+        except HookError as exc:
+            verdicts.append(self.failed(exc, state.step, state.samples))
+        verdict = self._limit_skips(combine(verdicts))
+
+        # Agree: the most severe verdict of any rank, with its reason, on every rank.
+        state.verdict = agree_across_ranks(verdict)
+
+        # Apply.
+        action = state.verdict.action
+        if action == Action.PROCEED:
+            self._snapshot_if_due(state, params)
+            if state.max_norm is not None and params:
+                clip_with_norm(params, state.max_norm, grad_norm)
+            self.since_snapshot[state.step] = state.samples
+            seams.mark_step_skipped(trainer.optimizer, False)
+        else:
+            self._drop_update(trainer, model)
+        if action == Action.ROLLBACK:
+            self._roll_back(state)
+        if action == Action.STOP:
+            trainer.stop(state, self.snapshot)
+
+        # Notify (``on_step_end`` fires from the Trainer's callback, after the update).
+        self._record(state)
+        return state
+
+    def failed(self, exc: HookError, step: int | None, samples: list[str]) -> Verdict:
+        """A hook raised on this rank: an error event here, a STOP for everyone at the agreement."""
+        exc.samples = exc.samples or list(samples)
+        self.events.record(exc.plugin, "error", str(exc), step=step, hook=exc.hook, plugin=exc.plugin,
+                           exception=type(exc.cause).__name__, samples=exc.samples)
+        return from_failure(exc)
+
+    def _limit_skips(self, verdict: Verdict) -> Verdict:
+        """Whoever asks for them, too many dropped steps in a row stop the run: a skip must not hide a bug."""
+        if verdict.action not in (Action.SKIP, Action.ROLLBACK):
+            self.consecutive_skips = 0
+            return verdict
+        self.consecutive_skips += 1
+        if self.consecutive_skips < self.max_consecutive_skips:
+            return verdict
+        return Verdict.stop(f"{self.consecutive_skips} steps skipped in a row; last: {verdict.reason}",
+                            verdict.guard or "core")
+
+    def _snapshot_if_due(self, state: StepState, params: list[torch.Tensor]) -> None:
+        """The weights about to be updated produced this step's loss, which every guard just accepted."""
+        if not self.snapshot_every:
+            return
+        if self.snapshot is not None and state.step - 1 - self.snapshot.step < self.snapshot_every:
+            return
+        self.snapshot = None  # free the old copy before making the new one
+        trainable = [p for p in state.model.parameters() if p.requires_grad]
+        self.snapshot = Snapshot(state.step - 1, trainable, state.optimizer, self.snapshot_offload,
+                                 guard_state=copy.deepcopy(plugin_states(self.plugins)))
+        self.since_snapshot = {}
+
+    def _drop_update(self, trainer, model) -> None:
+        """No gradients, no optimizer step, no scheduler step; the logged loss leaves the step out."""
+        for p in model.parameters():
+            p.grad = None
+        seams.mark_step_skipped(trainer.optimizer, True)
+        trainer.take_back_step_loss()
+        self.dropped_this_run += 1
+
+    def _roll_back(self, state: StepState) -> None:
+        self.rollbacks += 1
+        if self.snapshot is None:
+            return  # nothing verified yet: the rollback is a skip
+        self.snapshot.restore(state.optimizer)
+        state.restored_step = self.snapshot.step
+        self.plugins.hook.on_rollback(state=state, restored_step=self.snapshot.step, events=self.events)
+
+    def _record(self, state: StepState) -> None:
+        verdict, who = state.verdict, state.verdict.guard or "core"
+        if verdict.action == Action.SKIP:
+            self.skipped_steps += 1
+            self.events.record(who, "skip", f"step {state.step} skipped: {verdict.reason}", step=state.step,
+                               skipped_steps=self.skipped_steps, reason=verdict.reason, step_samples=state.samples)
+        elif verdict.action == Action.ROLLBACK:
+            self.skipped_steps += 1
+            undone, self.since_snapshot = self.since_snapshot, {}
+            if state.restored_step is None:
+                message = f"step {state.step} skipped (no verified snapshot yet to roll back to): {verdict.reason}"
+            else:
+                message = (f"step {state.step}: restored the state after step {state.restored_step}; skipped "
+                           f"{len(state.samples)} sample(s) of this step, undid {len(undone)} step(s) "
+                           f"({verdict.reason})")
+            self.events.record(who, "rollback", message, step=state.step, restored_step=state.restored_step,
+                               reason=verdict.reason, skipped_samples=state.samples, undone_samples=undone,
+                               skipped_steps=self.skipped_steps)
+            self.events.alert(who, message, step=state.step)
+
+
+class Snapshot:
+    """Copies of the trainable parameters and their optimizer state as they were after ``step``, and the
+    guards' state of that moment (written into the checkpoint if the run stops)."""
+
+    def __init__(self, step: int, params: list[torch.Tensor], optimizer, offload: bool, guard_state=None):
+        self.step, self.guard_state = step, guard_state or {}
+        self.params = [(p, _keep(p, offload)[0]) for p in params]
+        self.optim = {p: {k: _keep(v, offload) for k, v in optimizer.state[p].items()}
+                      for p in params if p in optimizer.state}
+
+    @torch.no_grad()
+    def restore(self, optimizer) -> None:
+        for p, saved in self.params:
+            p.copy_(saved)
+            if p in self.optim:
+                optimizer.state[p] = _put_back(optimizer.state.get(p, {}), self.optim[p])
+            else:  # no state yet at snapshot time: the optimizer starts it afresh, as it did then
+                optimizer.state.pop(p, None)
+
+
+def _keep(value, offload: bool):
+    if not torch.is_tensor(value):
+        return copy.deepcopy(value), None
+    return value.detach().to("cpu" if offload else value.device, copy=True), value.device
+
+
+def _put_back(live: dict, saved: dict) -> dict:
+    """Saved optimizer state, copied into the live tensors where they still fit (paged or quantized
+    state keeps its storage), as fresh copies where not."""
+    out = {}
+    for key, (value, device) in saved.items():
+        old = live.get(key)
+        if torch.is_tensor(old) and old.shape == value.shape and old.dtype == value.dtype:
+            out[key] = old.copy_(value)
+        else:
+            out[key] = value.to(device, copy=True) if device is not None else copy.deepcopy(value)
+    return out
+
+
+def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients in one fused pass (no host sync; NaN/Inf propagate)."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+
+
+def clip_with_norm(params: list[torch.Tensor], max_norm: float | torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Scale the gradients to at most ``max_norm`` using the step's norm (no second pass).
+
+    torch's ``clip_grads_with_norm_`` calls ``float(max_norm)``, a host sync for a device tensor; clipping
+    to 1 with ``grad_norm / max_norm`` gives the same coefficient (up to torch's 1e-6 guard) on the device.
+    """
+    if torch.is_tensor(max_norm):
+        max_norm, grad_norm = 1.0, grad_norm / max_norm.to(grad_norm.device)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
+
+
+def agree_across_ranks(verdict: Verdict) -> Verdict:
+    """The most severe verdict of any rank, on every rank (a no-op outside distributed runs)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return verdict
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    worst = torch.tensor([int(verdict.action)], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if int(worst.item()) == Action.PROCEED:
+        return verdict
+    # Rare path (a skip or a stop somewhere): gather every rank's reason so all ranks log the same one.
+    everyone: list[Verdict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, verdict)
+    return combine(everyone)
+
+
+def plugin_states(plugins) -> dict[str, Any]:
+    """``state_dict`` of every plugin that implements it, keyed by plugin name."""
+    states = {}
+    for impl in plugins.hook.state_dict.get_hookimpls():
+        value = impl.function()
+        if value is not None:
+            states[impl.plugin_name] = value
+    return states
+
+
+def load_plugin_states(plugins, states: dict[str, Any]) -> None:
+    for impl in plugins.hook.load_state_dict.get_hookimpls():
+        if impl.plugin_name in states:
+            impl.function(**{arg: states[impl.plugin_name] for arg in impl.argnames})

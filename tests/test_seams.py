@@ -1,0 +1,47 @@
+"""stabguard/seams.py: every private transformers/accelerate name the guarded step relies on is still there.
+
+A release that moves one fails here, with the seam's name, instead of giving NaN logs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import transformers
+
+from stabguard.seams import SEAMS
+
+
+def owner_source(owner: str) -> str:
+    module, _, name = owner.rpartition(".")
+    return inspect.getsource(getattr(importlib.import_module(module), name))
+
+
+@pytest.mark.parametrize("owner, name, why", SEAMS, ids=[f"{o.rsplit('.', 1)[-1]}.{n}" for o, n, _ in SEAMS])
+def test_each_seam_is_still_there(owner, name, why):
+    src = owner_source(owner)
+    assert f"def {name}(" in src or f"self.{name}" in src, (
+        f"{owner}.{name} is gone from this release (stabguard uses it: {why})")
+
+
+def test_the_training_loop_still_calls_the_overridden_seams_in_order():
+    src = inspect.getsource(transformers.Trainer)
+    order = ["grad_norm = self._clip_grad_norm(model)", "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)",
+             "self.optimizer.step()", "self.accelerator.optimizer_step_was_skipped", "self.lr_scheduler.step()"]
+    places = [src.find(line) for line in order]
+    for line, place in zip(order, places):
+        assert place >= 0, f"transformers {transformers.__version__} no longer has `{line}` in its training loop"
+    assert places == sorted(places), "the Trainer's step no longer runs clip -> optimizer.step -> scheduler"
+    for seam in ("def _clip_grad_norm(self, model)", "def _get_grad_norm(self, model, grad_norm=None)",
+                 "def _save_checkpoint(self, model", "def _load_from_checkpoint(self, resume_from_checkpoint",
+                 "def get_decay_parameter_names(self, model", "def training_step(", "def prediction_step("):
+        assert seam in src, f"transformers {transformers.__version__} moved `{seam}`"
+
+
+def test_accelerate_reads_the_skip_flag_the_step_sets():
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    src = inspect.getsource(AcceleratedOptimizer.step_was_skipped.fget)
+    assert "_is_overflow" in src, "accelerate's step_was_skipped no longer reads _is_overflow"
