@@ -263,3 +263,22 @@ class ConversationDataset(torch.utils.data.Dataset):
         messages = copy.deepcopy(row["messages"])  # a collator that edits messages must not edit ours
         images = [load_image(self.path.parent / ref, sample_id, ref) for ref in image_refs(messages)]
         return {"id": sample_id, "messages": messages, "images": images}
+
+
+# ---------------------------------------------------------------- writing files
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader, or a
+    command interrupted half-way, sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically (:func:`write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
