@@ -143,6 +143,17 @@ def test_missing_file_is_a_data_error(tmp_path):
         ConversationDataset(tmp_path / "missing.jsonl")
 
 
+def test_check_rows_and_images_report_progress(tmp_path):
+    _png(tmp_path / "img/a.png")
+    path = _write(tmp_path / "d.jsonl", [_row()] * 1200)
+    seen = []
+    assert check_rows(path, progress=lambda *a: seen.append(a)) == []
+    assert seen == [("rows checked", 500, 1200), ("rows checked", 1000, 1200), ("rows checked", 1200, 1200)]
+    seen.clear()
+    assert check_images(path, progress=lambda *a: seen.append(a)) == []
+    assert seen[-2:] == [("rows scanned for images", 1200, 1200), ("images decoded", 1, 1)]
+
+
 def test_write_jsonl_replaces_a_file_whole_or_not_at_all(tmp_path):
     path = tmp_path / "train.jsonl"
     write_jsonl(path, [{"a": 1}, {"b": 2}])
