@@ -112,6 +112,6 @@ def _rich_bar(stream: TextIO):
     from rich.progress import Progress as RichProgress
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("left"), TimeRemainingColumn())
+               TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"))
     # transient: the command's own summary line replaces the bars once the work is done
     return RichProgress(*columns, console=Console(file=stream), transient=True)
