@@ -56,7 +56,6 @@ class Progress:
         if self._bar is not None:
             self._draw(what, done, total)
         elif self._due(what, done, total, now):
-            self._printed[what] = now
             print(self._line(what, done, total, now), file=self.stream, flush=True)
 
     def _draw(self, what: str, done: int, total: int) -> None:
@@ -65,9 +64,13 @@ class Progress:
         self._bar.update(self._tasks[what], completed=done, total=total)
 
     def _due(self, what: str, done: int, total: int, now: float) -> bool:
+        """Whether a plain line is due: every ``every_s`` seconds, and once at the end if there were others."""
         if done >= total:
-            return self._printed.pop(what, None) is not None  # the last line, once, if there were others
-        return now - self._printed.get(what, self._first[what][0]) >= self.every_s
+            return self._printed.pop(what, None) is not None
+        if now - self._printed.get(what, self._first[what][0]) < self.every_s:
+            return False
+        self._printed[what] = now
+        return True
 
     def _line(self, what: str, done: int, total: int, now: float) -> str:
         start, done_then = self._first[what]

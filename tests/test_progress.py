@@ -39,6 +39,7 @@ def test_long_work_prints_a_line_every_few_seconds_with_time_left_and_a_last_lin
     stream, clock = io.StringIO(), Clock()
     with Progress(stream, every_s=5, clock=clock) as progress:
         run(progress, clock, total=20, seconds_each=1.0)
+        progress("boards generated", 20, 20)  # the end reported twice is printed once
     lines = stream.getvalue().splitlines()
     # the clock starts at the first report (board 1, t=1): lines at t=6, 11, 16, and the end at t=20
     assert lines == ["stabguard: boards generated 6/20 (30%), 5.0s elapsed, about 14.0s left",
