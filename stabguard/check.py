@@ -24,6 +24,7 @@ import torch
 
 from stabguard.events import EventLog
 from stabguard.memory import estimate_memory, known_config, trainable_counts, weight_counts
+from stabguard.progress import ProgressFn, labelled
 from stabguard.recipe import RecipeError, training_args_view
 from stabguard.verdict import GuardError
 
@@ -124,14 +125,15 @@ def check_model_files(recipe, report: Report) -> bool:
 
 # -- data ------------------------------------------------------------------------------------------
 
-def check_data(recipe, report: Report, rows: int, images: int) -> bool:
+def check_data(recipe, report: Report, rows: int, images: int, progress: ProgressFn | None = None) -> bool:
     from stabguard.data import check_images, check_rows
 
     ok = True
     for split, path in (("train", recipe.data.train), ("val", recipe.data.val)):
         if path is None:
             continue
-        problems = check_rows(path, limit=rows) + check_images(path, sample=images)
+        shown = labelled(progress, split)
+        problems = check_rows(path, limit=rows, progress=shown) + check_images(path, sample=images, progress=shown)
         if problems:
             ok = False
             report.add("data", "error", f"{split} {path}: {len(problems)} problem(s)", problems[:20])
@@ -252,7 +254,8 @@ def supervised_spans(labels: torch.Tensor, ignore: int) -> list[list[int]]:
     return [[i for _, i in run] for kept, run in itertools.groupby(pairs, key=lambda x: x[0]) if kept]
 
 
-def check_masks(recipe, processor, plugins, report: Report, events: EventLog, size: int) -> None:
+def check_masks(recipe, processor, plugins, report: Report, events: EventLog, size: int,
+                progress: ProgressFn | None = None) -> None:
     """Collate the first ``size`` conversations as the run would; the guards' post_collate audits them."""
     from stabguard.collate import IGNORE_INDEX, ChatCollator
     from stabguard.data import ConversationDataset
@@ -261,7 +264,7 @@ def check_masks(recipe, processor, plugins, report: Report, events: EventLog, si
         report.add("masks", "warn", "the mask guard is not loaded or not enabled: labels are shown, not audited")
     data, start = recipe.data, len(events.events)
     try:
-        dataset = ConversationDataset(data.train)
+        dataset = ConversationDataset(data.train, progress=labelled(progress, "train"))
         samples = [dataset[i] for i in range(min(size, len(dataset)))]
         collator = ChatCollator(processor, max_length=data.max_length, truncation=data.truncation,
                                 padding_side=data.padding_side, events=events)
@@ -329,8 +332,9 @@ def check_learning_rate(recipe, total: int | None, report: Report) -> None:
 # -- the whole preflight ---------------------------------------------------------------------------
 
 def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64, images: int = 32,
-              batch: int = 4, plugins=None) -> Report:
-    """Every check of a recipe; read the result from ``report.findings`` (errors make ``stabguard check`` fail)."""
+              batch: int = 4, plugins=None, progress: ProgressFn | None = None) -> Report:
+    """Every check of a recipe; read the result from ``report.findings`` (errors make ``stabguard check`` fail).
+    ``progress(what, done, total)`` follows the reading of the data files, the long part on a large set."""
     from stabguard.runner import prepare
 
     report = Report(str(recipe_path))
@@ -347,8 +351,8 @@ def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64,
     report_events(events, 0, "guards", report)
     _ensure_assets(recipe)
     local = check_model_files(recipe, report)
-    data_ok = check_data(recipe, report, rows, images)
-    _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch)
+    data_ok = check_data(recipe, report, rows, images, progress)
+    _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress)
     return report
 
 
@@ -364,7 +368,7 @@ def _ensure_assets(recipe) -> None:
         ensure_data(recipe)
 
 
-def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch) -> None:
+def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress) -> None:
     config = model_config(recipe, local)
     if config is None:
         report.add("model", "warn", f"{recipe.model.name_or_path}: no local config and not a known Qwen3-VL size: "
@@ -388,7 +392,7 @@ def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batc
     elif not data_ok:
         report.add("masks", "info", "not audited: the data has errors (see data)")
     else:
-        check_masks(recipe, processor, plugins, report, events, batch)
+        check_masks(recipe, processor, plugins, report, events, batch, progress)
     check_memory(recipe, config, weights, trainable_counts(model), gpu_mem, report)
     check_learning_rate(recipe, sum(weights.values()), report)
 

@@ -80,11 +80,12 @@ def generate_answers(model: Any, processor: Any, samples: list[dict], prompt: st
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def eval_rows(path: str | Path, limit: int | None) -> tuple[Any, list[tuple[int, list[dict]]], list[str]]:
+def eval_rows(path: str | Path, limit: int | None,
+              progress: Any = None) -> tuple[Any, list[tuple[int, list[dict]]], list[str]]:
     """(dataset, [(row index, ground truth)], ids of rows without ground truth)."""
     from stabguard.data import ConversationDataset
 
-    dataset, chosen, skipped = ConversationDataset(path), [], []
+    dataset, chosen, skipped = ConversationDataset(path, progress=progress), [], []
     for i, (_, row) in enumerate(dataset.rows):
         truth = truth_of(row, dataset.sample_id(i))
         if truth is None:
@@ -103,7 +104,8 @@ def evaluate(recipe_path: str | Path, *, untrained: bool = False, adapter: str |
              progress: Any = None) -> dict:
     """Generate, parse and score; write the result (metrics, settings, every answer) as JSON.
 
-    ``out`` defaults to ``<output_dir>/eval.json`` (``eval_untrained.json`` with ``untrained``).
+    ``out`` defaults to ``<output_dir>/eval.json`` (``eval_untrained.json`` with ``untrained``);
+    ``progress(what, done, total)`` (see :mod:`stabguard.progress`) hears of each batch answered.
     """
     from stabguard.recipe import load_recipe
 
@@ -111,7 +113,7 @@ def evaluate(recipe_path: str | Path, *, untrained: bool = False, adapter: str |
     path = data or recipe.data.val
     if not path:
         raise EvalError(f"{recipe_path}: data.val is not set; add it to the recipe or pass --data FILE.jsonl")
-    dataset, chosen, skipped = eval_rows(path, limit)
+    dataset, chosen, skipped = eval_rows(path, limit, progress)
     model, processor, described = load_for_eval(recipe, untrained=untrained, adapter=adapter)
     scores, records = [], []
     for start in range(0, len(chosen), batch_size):
@@ -123,7 +125,7 @@ def evaluate(recipe_path: str | Path, *, untrained: bool = False, adapter: str |
             scores.append(score)
             records.append(record)
         if progress:
-            progress(len(records), len(chosen))
+            progress("answers generated", len(records), len(chosen))
     result = {"recipe": str(recipe_path), "model": described, "untrained": untrained, "data": str(path),
               "prompt": prompt, "max_new_tokens": max_new_tokens, "metrics": summarize(scores),
               "without_ground_truth": skipped, "samples": records}

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from support import tiny_recipe, write_recipe
 
-from stabguard.check import model_file_problems
+from stabguard.check import model_file_problems, preflight
 from stabguard.cli.check import command
 
 HUB_32B = "Qwen/Qwen3-VL-32B-Instruct"
@@ -41,6 +41,15 @@ def test_the_tiny_recipe_passes_and_shows_table_masks_memory(tmp_path, tiny_asse
     assert report["ok"] and report["parameters"]["vision"]["trainable"] == 0
     assert report["parameters"]["all"]["trainable"] == report["parameters"]["all"]["lora"] > 0
     assert {f["check"] for f in report["findings"]} >= {"recipe", "model files", "data", "masks", "memory"}
+
+
+def test_progress_follows_each_data_file_to_its_end(tmp_path, tiny_assets):
+    recipe = write_recipe(tmp_path / "recipe.toml", tiny_recipe(tiny_assets, tmp_path / "out"))
+    last = {}
+    preflight(recipe, progress=lambda what, done, total: last.update({what: (done, total)}))
+    assert set(last) == {"train rows checked", "train rows scanned for images", "train images decoded",
+                         "train rows loaded"}  # the tiny recipe has no val file
+    assert all(done == total > 0 for done, total in last.values())
 
 
 def test_a_missing_shard_is_named(tmp_path, tiny_assets):

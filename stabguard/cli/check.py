@@ -38,8 +38,10 @@ def render(report) -> str:
 def command(recipe, gpu_mem, as_json, rows, images, batch):
     """Check a recipe before spending GPU hours: model files, data, label masks, parameters, memory, LR."""
     from stabguard.check import preflight
+    from stabguard.progress import command_progress
 
-    report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch)
+    with command_progress("the check did not finish") as progress:
+        report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch, progress=progress)
     click.echo(json.dumps(report.as_json(), indent=1) if as_json else render(report))
     if report.recipe_invalid:
         raise SystemExit(EXIT_RECIPE)

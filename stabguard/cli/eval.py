@@ -62,15 +62,14 @@ def command(recipe, untrained, adapter, data, limit, batch_size, max_new_tokens,
     from stabguard.cli.validate import report_recipe_error
     from stabguard.data import DataError
     from stabguard.eval import PROMPT, EvalError, evaluate
+    from stabguard.progress import command_progress
     from stabguard.recipe import RecipeError
 
-    def progress(done: int, total: int) -> None:
-        click.echo(f"stabguard eval: {done}/{total} answered", err=True)
-
     try:
-        result = evaluate(recipe, untrained=untrained, adapter=adapter, data=data, limit=limit,
-                          batch_size=batch_size, max_new_tokens=max_new_tokens, prompt=prompt or PROMPT,
-                          out=out, progress=progress)
+        with command_progress("no result written") as progress:
+            result = evaluate(recipe, untrained=untrained, adapter=adapter, data=data, limit=limit,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, prompt=prompt or PROMPT,
+                              out=out, progress=progress)
     except RecipeError as exc:
         report_recipe_error(exc)
         sys.exit(EXIT_INPUT)

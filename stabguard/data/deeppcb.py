@@ -13,17 +13,19 @@ one path through training and ``stabguard eval``.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from stabguard.data.jsonl import DataError
+from stabguard.data.jsonl import DataError, write_atomic, write_jsonl
 from stabguard.data.pcb import DEFECT_CLASSES
 from stabguard.data.synth import conversation
+from stabguard.data.workers import map_in_order
+from stabguard.progress import ProgressFn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 NAMES = {name.replace("-", "").replace(" ", ""): name for name in DEFECT_CLASSES} | {"copper": "spurious copper"}
@@ -92,43 +94,59 @@ def _is_val(rel: str, index: int, official: set[str] | None, seed: int, val_frac
     return np.random.default_rng([seed, index, 1]).random() < val_fraction
 
 
-def import_deeppcb(src: str | Path, out_dir: str | Path, *, val_fraction: float = 0.25, seed: int = 0) -> dict:
+def read_board(src: Path, pair: tuple[Path, Path]) -> tuple[str, Path, list[dict], list[str]]:
+    """(annotation path relative to ``src``, image, defects, problems) of one annotation and its image."""
+    txt, image = pair
+    with Image.open(image) as im:  # reads the header only: the size the boxes are checked against
+        defects, problems = read_annotation(txt, im.size)
+    return txt.relative_to(src).as_posix(), image, defects, problems
+
+
+def import_board(src: Path, out: Path, seed: int, board: tuple[int, str, Path, list[dict]]) -> dict:
+    """Copy board ``i``'s image into ``out/images``; its row. The conversation comes from
+    ``default_rng([seed, i])`` only, so any worker process writes the same row."""
+    i, rel, image, defects = board
+    name = "images/" + "_".join(image.relative_to(src).parts)
+    shutil.copyfile(image, out / name)
+    rng = np.random.default_rng([seed, i])
+    return {"messages": conversation(rng, name, defects), "defects": defects, "source": rel}
+
+
+def import_deeppcb(src: str | Path, out_dir: str | Path, *, val_fraction: float = 0.25, seed: int = 0,
+                   workers: int = 1, progress: ProgressFn | None = None) -> dict:
     """Copy images into ``out_dir/images`` and write train/val JSONL conversations; DataError lists every
-    bad annotation line (file:line) before anything is written."""
+    bad annotation line (file:line) before anything is written. ``workers`` processes write the same
+    bytes as one; the JSONL files are written last and atomically."""
     src, out = Path(src), Path(out_dir)
     if not src.is_dir():
         raise DataError(f"{src}: not a directory")
-    official, boards, problems = _official_val(src), [], []
-    for txt, image in _pairs(src):
-        with Image.open(image) as im:
-            defects, found = read_annotation(txt, im.size)
-        problems += found
-        boards.append((txt.relative_to(src).as_posix(), image, defects))
+    official = _official_val(src)
+    boards = map_in_order(partial(read_board, src), _pairs(src), workers=workers, what="annotations read",
+                          progress=progress)
+    problems = [problem for *_, found in boards for problem in found]
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {src}:\n" + "\n".join(f"  {p}" for p in problems[:50]))
     (out / "images").mkdir(parents=True, exist_ok=True)
+    numbered = [(i, rel, image, defects) for i, (rel, image, defects, _) in enumerate(boards)]
+    made = map_in_order(partial(import_board, src, out, seed), numbered, workers=workers, what="boards imported",
+                        progress=progress)
     rows: dict[str, list[dict]] = {"train": [], "val": []}
-    for i, (rel, image, defects) in enumerate(boards):
-        name = "images/" + "_".join(image.relative_to(src).parts)
-        shutil.copyfile(image, out / name)
-        split = "val" if _is_val(rel, i, official, seed, val_fraction) else "train"
-        rng = np.random.default_rng([seed, i])
-        rows[split].append({"messages": conversation(rng, name, defects), "defects": defects, "source": rel})
+    for i, row in enumerate(made):
+        rows["val" if _is_val(row["source"], i, official, seed, val_fraction) else "train"].append(row)
     return _write(out, src, rows, official is not None)
 
 
 def _write(out: Path, src: Path, rows: dict, official: bool) -> dict:
     for split, split_rows in rows.items():
         if split_rows:
-            with (out / f"{split}.jsonl").open("w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in split_rows)
+            write_jsonl(out / f"{split}.jsonl", split_rows)
     counts = {c: sum(d["label"] == c for r in rows["train"] + rows["val"] for d in r["defects"]) for c in DEFECT_CLASSES}
-    (out / "README.md").write_text(
+    write_atomic(out / "README.md",
         f"# PCB defect set imported from {src}\n\nMade by `stabguard data import-deeppcb --src {src} --out {out}`.\n"
         f"Split: {'the source test.txt' if official else 'random, by seed'}; train {len(rows['train'])} rows, "
         f"val {len(rows['val'])} rows. Boxes are absolute pixels `[x1, y1, x2, y2]` of each image, as in the "
         "annotation files; each row keeps them in `defects` and its annotation file in `source`.\n\n"
-        + "".join(f"- {label}: {count}\n" for label, count in counts.items()), encoding="utf-8")
+        + "".join(f"- {label}: {count}\n" for label, count in counts.items()))
     return {"out_dir": str(out), "train": str(out / "train.jsonl") if rows["train"] else None,
             "val": str(out / "val.jsonl") if rows["val"] else None, "train_rows": len(rows["train"]),
             "val_rows": len(rows["val"]), "official_split": official, "defects": counts}

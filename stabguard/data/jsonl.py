@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from stabguard.progress import ProgressFn
+
 ROLES = ("system", "user", "assistant")
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
 
@@ -122,34 +124,54 @@ def row_problems(row: Any, base: Path) -> list[str]:
 # ---------------------------------------------------------------- reading files
 
 
-def _parse(path: Path, limit: int | None) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, row) for every valid row, and ``path:line: ...`` for every problem."""
+PROGRESS_EVERY = 500  # rows between progress reports: often enough to see, rare enough to cost nothing
+
+
+def _line_count(path: Path, limit: int | None) -> int:
+    with path.open("rb") as f:  # bytes: a fast pass, no decoding
+        total = sum(1 for _ in f)
+    return total if limit is None else min(total, limit)
+
+
+def _parse(path: Path, limit: int | None, progress: ProgressFn | None = None,
+           what: str = "rows checked") -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) for every valid row, and ``path:line: ...`` for every problem;
+    ``progress(what, lines done, lines)`` every PROGRESS_EVERY lines and at the end."""
     if not path.is_file():
         return [], [f"{path}: file not found"]
+    total = _line_count(path, limit) if progress else 0
     rows, problems = [], []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and lineno > limit:
                 break
-            if not line.strip():
-                continue  # blank lines (a trailing newline, say) are not rows
-            try:
-                row = json.loads(line.rstrip())  # so an error column points into this line
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            found = row_problems(row, path.parent)
-            problems += [f"{path}:{lineno}: {p}" for p in found]
-            if not found:
-                rows.append((lineno, row))
+            _parse_line(path, lineno, line, rows, problems)
+            if progress and lineno % PROGRESS_EVERY == 0:
+                progress(what, lineno, total)
+    if progress:
+        progress(what, total, total)
     if not rows and not problems:
         problems.append(f"{path}: no rows")
     return rows, problems
 
 
-def check_rows(path: str | Path, limit: int | None = None) -> list[str]:
+def _parse_line(path: Path, lineno: int, line: str, rows: list, problems: list[str]) -> None:
+    if not line.strip():
+        return  # blank lines (a trailing newline, say) are not rows
+    try:
+        row = json.loads(line.rstrip())  # so an error column points into this line
+    except json.JSONDecodeError as e:
+        problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+        return
+    found = row_problems(row, path.parent)
+    problems += [f"{path}:{lineno}: {p}" for p in found]
+    if not found:
+        rows.append((lineno, row))
+
+
+def check_rows(path: str | Path, limit: int | None = None, progress: ProgressFn | None = None) -> list[str]:
     """Every schema problem in the first ``limit`` lines (all when None), without raising."""
-    return _parse(Path(path), limit)[1]
+    return _parse(Path(path), limit, progress)[1]
 
 
 def image_refs(messages: list[dict]) -> list[str]:
@@ -172,10 +194,11 @@ def load_image(path: Path, sample_id: str, ref: str) -> Image.Image:
         raise DataError(f"{sample_id}: image {ref} ({path}) cannot be decoded: {type(e).__name__}: {e}") from e
 
 
-def check_images(path: str | Path, sample: int | None = 32, seed: int = 0) -> list[str]:
+def check_images(path: str | Path, sample: int | None = 32, seed: int = 0,
+                 progress: ProgressFn | None = None) -> list[str]:
     """Decode ``sample`` distinct images (all when None), chosen by ``seed``; return the failures."""
     path = Path(path)
-    rows, _ = _parse(path, None)
+    rows, _ = _parse(path, None, progress, "rows scanned for images")
     refs = {}
     for lineno, row in rows:
         for ref in image_refs(row["messages"]):
@@ -184,11 +207,13 @@ def check_images(path: str | Path, sample: int | None = 32, seed: int = 0) -> li
     if sample is not None and sample < len(chosen):
         chosen = sorted(random.Random(seed).sample(chosen, sample))
     problems = []
-    for ref in chosen:
+    for done, ref in enumerate(chosen, start=1):
         try:
             load_image(path.parent / ref, refs[ref], ref)
         except DataError as e:
             problems.append(str(e))
+        if progress:
+            progress("images decoded", done, len(chosen))
     return problems
 
 
@@ -209,13 +234,15 @@ class ConversationDataset(torch.utils.data.Dataset):
     serve the next good row instead; each skip is in ``skipped`` (``path:line: reason``) and, with
     ``events``, a ``data``/``skipped_row`` event. Extra top-level keys of a row (ground truth, say)
     are kept in ``rows`` but not put in the sample, so the collator sees ``id``, ``messages``, ``images``.
+    ``progress(what, done, total)`` (see :mod:`stabguard.progress`) follows the reading of a large file.
     """
 
-    def __init__(self, path: str | Path, max_errors: int | None = 50, policy: str = "error", events: Any = None):
+    def __init__(self, path: str | Path, max_errors: int | None = 50, policy: str = "error", events: Any = None,
+                 progress: ProgressFn | None = None):
         if policy not in ("error", "skip"):
             raise ValueError(f"ConversationDataset: policy={policy!r}; allowed: error, skip")
         self.path, self.policy, self.events = Path(path), policy, events
-        self.rows, problems = _parse(self.path, None)
+        self.rows, problems = _parse(self.path, None, progress, "rows loaded")
         self.skipped: list[str] = []
         self._bad: set[int] = set()
         if problems and (policy == "error" or not self.rows):
@@ -263,3 +290,22 @@ class ConversationDataset(torch.utils.data.Dataset):
         messages = copy.deepcopy(row["messages"])  # a collator that edits messages must not edit ours
         images = [load_image(self.path.parent / ref, sample_id, ref) for ref in image_refs(messages)]
         return {"id": sample_id, "messages": messages, "images": images}
+
+
+# ---------------------------------------------------------------- writing files
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader, or a
+    command interrupted half-way, sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically (:func:`write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -14,12 +14,16 @@ in a follow-up, so multi-turn masking is exercised and every row still teaches t
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from stabguard.data.jsonl import write_atomic, write_jsonl
 from stabguard.data.pcb import DEFECT_CLASSES, Board, make_board
+from stabguard.data.workers import map_in_order
+from stabguard.progress import ProgressFn
 
 __all__ = ["DEFECT_CLASSES", "Board", "make_board", "answer", "conversation", "synth_pcb"]
 
@@ -105,11 +109,6 @@ def conversation(rng: np.random.Generator, image: str, defects: list[dict]) -> l
 # ---------------------------------------------------------------- files
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-
-
 def _split(n: int, seed: int, val_fraction: float) -> set[int]:
     """Board indices for validation: at least one when asked for and there are two boards or more."""
     n_val = round(n * val_fraction)
@@ -142,34 +141,49 @@ exclusive). Each row has one detection answer, `Found k defects:` then the JSON 
 """
 
 
-def synth_pcb(out_dir: str | Path, n: int, seed: int = 0, size: int = 256, val_fraction: float = 0.25) -> dict:
+def make_row(out: Path, seed: int, size: int, i: int) -> dict:
+    """Board ``i``: its image written under ``out``, its conversation and defects returned. Everything
+    comes from ``default_rng([seed, i])``, so any worker process makes the same bytes."""
+    rng = np.random.default_rng([seed, i])
+    board, image = make_board(rng, size), f"images/board_{i:04d}.png"
+    Image.fromarray(board.image).save(out / image)
+    return {"image": image, "messages": conversation(rng, image, board.defects), "defects": board.defects}
+
+
+def synth_pcb(out_dir: str | Path, n: int, seed: int = 0, size: int = 256, val_fraction: float = 0.25, *,
+              workers: int = 1, progress: ProgressFn | None = None) -> dict:
     """Write ``n`` boards: images/*.png, train.jsonl, val.jsonl (if any), annotations.json, README.md.
 
     Board ``i`` depends only on ``(seed, i)``, so a larger ``n`` adds boards without changing the
-    first ones. Returns what was written: paths, row counts and defects per class.
+    first ones, and ``workers`` processes write the same bytes as one. The JSONL files are written
+    last and atomically: an interrupted call leaves images but no partial (or replaced) JSONL.
+    Returns what was written: paths, row counts and defects per class.
     """
     if n < 1 or size < 64 or not 0 <= val_fraction < 1:
         raise ValueError(f"synth_pcb: need n >= 1, size >= 64, 0 <= val_fraction < 1; got n={n}, "
                          f"size={size}, val_fraction={val_fraction}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    made = map_in_order(partial(make_row, out, seed, size), range(n), workers=workers, what="boards generated",
+                        progress=progress)
     val, rows, boards = _split(n, seed, val_fraction), {"train": [], "val": []}, []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        board, image = make_board(rng, size), f"images/board_{i:04d}.png"
-        Image.fromarray(board.image).save(out / image)
+    for i, row in enumerate(made):
         split = "val" if i in val else "train"
-        rows[split].append({"messages": conversation(rng, image, board.defects), "defects": board.defects, "board": i})
-        boards.append({"image": image, "split": split, "defects": board.defects})
-    _write_jsonl(out / "train.jsonl", rows["train"])
-    if rows["val"]:
-        _write_jsonl(out / "val.jsonl", rows["val"])
-    notes = {"source": "stabguard synth_pcb", "seed": seed, "size": size, "classes": list(DEFECT_CLASSES),
-             "boards": boards}
-    (out / "annotations.json").write_text(json.dumps(notes, indent=1) + "\n", encoding="utf-8")
+        rows[split].append({"messages": row["messages"], "defects": row["defects"], "board": i})
+        boards.append({"image": row["image"], "split": split, "defects": row["defects"]})
     counts = {c: sum(d["label"] == c for b in boards for d in b["defects"]) for c in DEFECT_CLASSES}
-    (out / "README.md").write_text(readme(n, seed, size, val_fraction, rows, counts), encoding="utf-8")
+    _write_set(out, rows, {"source": "stabguard synth_pcb", "seed": seed, "size": size,
+                           "classes": list(DEFECT_CLASSES), "boards": boards},
+               readme(n, seed, size, val_fraction, rows, counts))
     return {"out_dir": str(out), "images": n, "train": str(out / "train.jsonl"),
             "val": str(out / "val.jsonl") if rows["val"] else None, "annotations": str(out / "annotations.json"),
             "readme": str(out / "README.md"), "train_rows": len(rows["train"]), "val_rows": len(rows["val"]),
             "defects": counts}
+
+
+def _write_set(out: Path, rows: dict, notes: dict, text: str) -> None:
+    write_jsonl(out / "train.jsonl", rows["train"])
+    if rows["val"]:
+        write_jsonl(out / "val.jsonl", rows["val"])
+    write_atomic(out / "annotations.json", json.dumps(notes, indent=1) + "\n")
+    write_atomic(out / "README.md", text)

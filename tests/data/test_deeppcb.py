@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,18 @@ def test_without_a_split_file_the_seed_splits(tmp_path):
     assert (tmp_path / "a/train.jsonl").read_text() == (tmp_path / "b/train.jsonl").read_text()
 
 
+def test_two_workers_write_the_same_bytes_as_one(tmp_path):
+    src = _deeppcb(tmp_path / "src", split=False)
+    seen = []
+    import_deeppcb(src, tmp_path / "one", val_fraction=0.5, seed=3)
+    import_deeppcb(src, tmp_path / "two", val_fraction=0.5, seed=3, workers=2, progress=lambda *a: seen.append(a))
+    files = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file()}
+    assert {"train.jsonl", "images/group12000_12000_12000007_test.jpg"} <= {p.as_posix() for p in files}
+    for name in files - {Path("README.md")}:  # the README names its own folder
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert seen[-1] == ("boards imported", len(BOARDS), len(BOARDS)) and ("annotations read", 4, 4) in seen
+
+
 @pytest.mark.parametrize("text, reason", [
     ("10,20,50,60\n", "expected 'x1 y1 x2 y2 type'"),
     ("10,20,50,60,9\n", "expected 'x1 y1 x2 y2 type'"),
@@ -89,7 +102,7 @@ def test_cli_import_deeppcb(tmp_path):
     src = _deeppcb(tmp_path / "PCBData")
     result = CliRunner().invoke(command, ["import-deeppcb", "--src", str(src), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    assert "imported 4 boards" in result.output and "test.txt split" in result.output
+    assert "imported 4 boards" in result.output and "test.txt split) in " in result.output
     assert json.loads((tmp_path / "o/val.jsonl").read_text())["source"] == "group12000/12000_not/12000008.txt"
     (tmp_path / "empty").mkdir()
     bad = CliRunner().invoke(command, ["import-deeppcb", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "x")])

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from stabguard.data import ConversationDataset, DataError, check_images, check_rows
+from stabguard.data.jsonl import write_jsonl
 
 
 def _png(path, size=(32, 24), color=(10, 200, 30)):
@@ -140,3 +141,23 @@ def test_check_images_samples_deterministically(tmp_path):
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="missing.jsonl: file not found"):
         ConversationDataset(tmp_path / "missing.jsonl")
+
+
+def test_check_rows_and_images_report_progress(tmp_path):
+    _png(tmp_path / "img/a.png")
+    path = _write(tmp_path / "d.jsonl", [_row()] * 1200)
+    seen = []
+    assert check_rows(path, progress=lambda *a: seen.append(a)) == []
+    assert seen == [("rows checked", 500, 1200), ("rows checked", 1000, 1200), ("rows checked", 1200, 1200)]
+    seen.clear()
+    assert check_images(path, progress=lambda *a: seen.append(a)) == []
+    assert seen[-2:] == [("rows scanned for images", 1200, 1200), ("images decoded", 1, 1)]
+
+
+def test_write_jsonl_replaces_a_file_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [{"a": 1}, {"b": 2}])
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    with pytest.raises(TypeError):
+        write_jsonl(path, [{"a": 3}, {"b": object()}])  # fails half-way through the rows
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n' and [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -12,6 +16,7 @@ from click.testing import CliRunner
 
 from stabguard.cli.data import command
 from stabguard.data import DEFECT_CLASSES, ConversationDataset, make_board, synth_pcb
+from stabguard.data import synth
 from stabguard.data.synth import INSTRUCTIONS, QUESTIONS, WHERE_FOLLOW_UP
 
 REMOVES_COPPER = {"open", "mousebite", "pin-hole"}
@@ -38,6 +43,64 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     differing = [k for k in files_a if k.startswith("images/") and files_a[k] != files_c[k]]
     assert len(differing) == 12
     assert files_a["annotations.json"] != files_c["annotations.json"]
+
+
+def test_two_workers_write_the_same_bytes_as_one(tmp_path):
+    one, two = (synth_pcb(tmp_path / name, 9, seed=5, size=128, workers=workers)
+                for name, workers in (("one", 1), ("two", 2)))
+    files = _files(tmp_path / "one")
+    assert files == _files(tmp_path / "two") and one["defects"] == two["defects"]
+    assert len([name for name in files if name.startswith("images/")]) == 9
+
+
+def _interrupt_at(monkeypatch, k):
+    make_row = synth.make_row
+
+    def make_row_or_stop(out, seed, size, i):
+        if i == k:
+            raise KeyboardInterrupt
+        return make_row(out, seed, size, i)
+
+    monkeypatch.setattr(synth, "make_row", make_row_or_stop)
+
+
+def test_an_interrupt_writes_no_jsonl_and_leaves_an_existing_one_alone(tmp_path, monkeypatch):
+    synth_pcb(tmp_path / "old", 4, seed=1, size=64)
+    before = _files(tmp_path / "old")
+    _interrupt_at(monkeypatch, 3)
+    for out in (tmp_path / "new", tmp_path / "old"):
+        with pytest.raises(KeyboardInterrupt):
+            synth_pcb(out, 8, seed=2, size=64)
+    assert not any(name.endswith(".jsonl") or name.endswith(".tmp") for name in _files(tmp_path / "new"))
+    after = _files(tmp_path / "old")
+    assert {k: v for k, v in after.items() if not k.startswith("images/")} == {
+        k: v for k, v in before.items() if not k.startswith("images/")}
+
+
+def test_cli_ctrl_c_says_how_far_it_got_in_one_line_and_exits_130(tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, 3)
+    result = CliRunner().invoke(command, ["synth-pcb", "--out", str(tmp_path), "--n", "8", "--workers", "1"])
+    assert result.exit_code == 130, result.output
+    assert result.output == (f"stabguard: interrupted after 3/8 boards generated; nothing written to "
+                             f"{tmp_path / 'train.jsonl'}\n")
+    assert not (tmp_path / "train.jsonl").exists()
+
+
+def test_ctrl_c_in_a_terminal_stops_the_workers_without_tracebacks(tmp_path):
+    # Ctrl-C reaches the whole process group: the parent and its pool workers
+    command = [sys.executable, "-c", "from stabguard.cli import main; main()", "data", "synth-pcb", "--out", str(tmp_path), "--n", "2000",
+               "--workers", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "images/board_0004.png").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.startswith("stabguard: interrupted after ") and "/2000 boards generated; nothing written to" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and out == ""
+    assert not (tmp_path / "train.jsonl").exists()
 
 
 def test_fast_enough(written):
@@ -195,7 +258,7 @@ def test_every_class_appears_over_many_boards():
 def test_cli_synth_pcb(tmp_path):
     result = CliRunner().invoke(command, ["synth-pcb", "--out", str(tmp_path), "--n", "4", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert "wrote 4 images" in result.output and "(3 rows)" in result.output and "(1 rows)" in result.output
+    assert "generated 4 boards in " in result.output and "wrote 4 images" in result.output and "(3 rows)" in result.output and "(1 rows)" in result.output
     assert len(ConversationDataset(tmp_path / "train.jsonl")) == 3
     bad = CliRunner().invoke(command, ["synth-pcb", "--out", str(tmp_path), "--n", "0"])
     assert bad.exit_code == 2 and "--n" in bad.output
