@@ -214,7 +214,8 @@ class GuardedStep:
             self.events.record(who, "rollback", message, step=state.step, restored_step=state.restored_step,
                                reason=verdict.reason, skipped_samples=state.samples, undone_samples=undone,
                                skipped_steps=self.skipped_steps)
-            self.events.alert(who, message, step=state.step)
+            self.events.alert(who, f"rolled back to the state after step {state.restored_step} at step {state.step}"
+                              if state.restored_step is not None else message, step=state.step)
 
 
 class Snapshot:

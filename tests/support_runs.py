@@ -64,7 +64,7 @@ def write_hf_run(folder: Path, history: list[dict] | None = None, *, max_steps: 
     return folder
 
 
-def run_tiny(tmp_path: Path, assets: dict, *extra_plugins, training=None, guards=None):
+def run_tiny(tmp_path: Path, assets: dict, *extra_plugins, training=None, guards=None, resume=None):
     """A real stabguard run of the tiny model, as tests/test_trainer.py drives it."""
     from stabguard.manager import Plugins
     from stabguard.runner import run
@@ -73,7 +73,7 @@ def run_tiny(tmp_path: Path, assets: dict, *extra_plugins, training=None, guards
     for i, plugin in enumerate(extra_plugins):
         plugins.register(plugin, name=f"test-plugin-{i}")
     recipe = tiny_recipe(assets, tmp_path / "out", training=training, guards=guards)
-    return run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins)
+    return run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins, resume=resume)
 
 
 def stabguard_history(**spiky: Any) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import threading
 
 import pytest
@@ -122,3 +123,22 @@ def test_real_stopped_run_is_unhealthy(stopped_run):
     assert row["skipped"] == f"{len(skips)} step (last at step {skips[-1]})"
     assert row["alerts"].endswith("1 stop") and row["grad norm"].startswith("pre-clip nan, clip 1 ")
     assert row["diagnosis"].startswith("[trouble] run stopped at step 3") and "checkpoint-2" in result.output
+
+
+def test_after_a_resume_the_monitor_follows_the_new_run(tmp_path, stopped_run, tiny_assets):
+    """A STOP, then --resume: the stop belongs to the earlier run; --run all and --run ID still show it."""
+    shutil.copytree(stopped_run, tmp_path / "out")
+    resumed = run_tiny(tmp_path, tiny_assets, training={"max_steps": 4, "save_steps": 2},
+                       resume=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.ok
+    result = once(tmp_path / "out")
+    assert result.exit_code == EXIT_OK, result.output
+    assert f"run {resumed.run_id} of 2 (--run ID|all)" in result.output.splitlines()[0]
+    row = rows(result.output)
+    assert row["status"] != "TROUBLE" and "stop" not in row.get("alerts", "")
+    first = read_events(tmp_path / "out" / "events.jsonl")[0]["run"]
+    for choice in ("all", first):
+        earlier = CliRunner().invoke(command, [str(tmp_path / "out"), "--once", "--run", choice])
+        assert earlier.exit_code == EXIT_UNHEALTHY and rows(earlier.output)["status"] == "TROUBLE"
+    unknown = CliRunner().invoke(command, [str(tmp_path / "out"), "--once", "--run", "nosuch"])
+    assert unknown.exit_code == EXIT_NO_STATE and "run 'nosuch' not found; runs in this log:" in unknown.output
