@@ -152,7 +152,7 @@ def model_config(recipe, local: bool):
 
 def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
     """The recipe's model on the meta device, LoRA-wrapped; and its weight counts for the memory estimate."""
-    from stabguard.models import lora_config, resolve_model_class
+    from stabguard.models import lora_config, peft_quietly, resolve_model_class
 
     cls = resolve_model_class(recipe.model.model_class)
     with torch.device("meta"):
@@ -161,7 +161,8 @@ def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
         if recipe.lora.enabled:
             from peft import get_peft_model
 
-            net = get_peft_model(net, lora_config(recipe.lora))
+            with peft_quietly():
+                net = get_peft_model(net, lora_config(recipe.lora))
     return net, counts
 
 
@@ -289,7 +290,7 @@ def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Rep
     total = memory["total_gib"]
     summary = f"about {total:.1f} GiB per GPU (batch {memory['batch']} x {memory['seq']} tokens) against --gpu-mem {gpu_mem:g} GiB"
     if total > gpu_mem:
-        fixes = "" if memory["checkpointing"] else "gradient_checkpointing = true, "
+        fixes = "" if memory["checkpointing"] else "activation_checkpointing = true, "
         fixes += "" if recipe.quantization.load_in_4bit else "quantization.load_in_4bit = true, "
         report.add("memory", "error", f"{summary}: does not fit; try {fixes}a smaller batch or data.max_length", details)
     else:

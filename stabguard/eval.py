@@ -34,7 +34,7 @@ def load_for_eval(recipe: Any, *, untrained: bool = False, adapter: str | Path |
     """(model in eval mode, processor, what was loaded, in words)."""
     import torch
 
-    from stabguard.models import load_model
+    from stabguard.models import load_model, peft_quietly
 
     model_section, described = recipe.model, f"untrained base model {recipe.model.name_or_path}"
     full = not untrained and not recipe.lora.enabled  # full fine-tuning saved the whole model in output_dir
@@ -49,7 +49,8 @@ def load_for_eval(recipe: Any, *, untrained: bool = False, adapter: str | Path |
         from peft import PeftModel
 
         path = find_adapter(adapter or recipe.training["output_dir"])
-        model = PeftModel.from_pretrained(model, str(path))
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, str(path))
         if not recipe.quantization.load_in_4bit:  # merged: same outputs, no adapter overhead per token
             model = model.merge_and_unload()
         described = f"{recipe.model.name_or_path} + LoRA adapter {path}"

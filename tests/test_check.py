@@ -75,7 +75,7 @@ def test_a_corrupt_image_is_named_with_its_row(tmp_path, tiny_assets):
 
 
 def test_32b_from_the_builtin_sizes_bad_lr_and_the_weights_arithmetic(tmp_path, tiny_assets):
-    report = as_json(tmp_path, tiny_assets, training={"learning_rate": 5e-4, "gradient_checkpointing": True},
+    report = as_json(tmp_path, tiny_assets, training={"learning_rate": 5e-4, "activation_checkpointing": True},
                      model={"name_or_path": HUB_32B}, quantization={"load_in_4bit": True}, lora={"r": 16, "alpha": 32})
     by_check = {f["check"]: f for f in report["findings"]}
     assert by_check["model files"]["level"] == "warn" and "cannot be checked offline" in by_check["model files"]["message"]

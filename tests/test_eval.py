@@ -12,6 +12,7 @@ from support import tiny_recipe, write_recipe
 from stabguard import eval as sg_eval
 from stabguard.cli.eval import command
 from stabguard.data.synth import answer
+from stabguard.models import peft_quietly
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def setup(tiny_assets, tmp_path_factory):
     recipe["data"]["val"] = str(tiny_assets["train"])  # 6 rows: enough for two batches
     path = write_recipe(root / "recipe.toml", recipe)
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_assets["model"], dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with peft_quietly():
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
