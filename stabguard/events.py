@@ -44,12 +44,15 @@ class EventLog:
     """Writes ``events.jsonl``; keeps the events of this run in memory too.
 
     ``path=None`` keeps events in memory only (non-main ranks, tests). ``on_alert`` is called for
-    every event of kind ``"alert"``; the trainer points it at the ``on_alert`` hook.
+    every event of kind ``"alert"``; the trainer points it at the ``on_alert`` hook. ``echo`` is called
+    with every event after it is written (``stabguard run`` shows them on the console).
     """
 
-    def __init__(self, path: str | Path | None = None, on_alert: Callable[[Alert], Any] | None = None):
+    def __init__(self, path: str | Path | None = None, on_alert: Callable[[Alert], Any] | None = None,
+                 echo: Callable[[dict], Any] | None = None):
         self.path = Path(path) if path is not None else None
         self.on_alert = on_alert
+        self.echo = echo
         self.events: list[dict[str, Any]] = []
         self._file = None
         if self.path is not None:
@@ -65,6 +68,8 @@ class EventLog:
         if self._file is not None:
             self._file.write(json.dumps(event, ensure_ascii=False) + "\n")
             self._file.flush()
+        if self.echo is not None:
+            self.echo(event)
         if kind == "alert" and self.on_alert is not None:
             self.on_alert(Alert(guard=guard, message=message, step=step, values=event["values"]))
         return event

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from stabguard.console import ConsoleEcho, quiet_log_dicts
 from stabguard.events import EventLog
 from stabguard.manager import Plugins
 from stabguard.recipe import Recipe, RecipeError, load_recipe, plugin_lists
@@ -87,7 +88,8 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     output_dir = Path(recipe.training["output_dir"])
     # Every rank decides the same; only the main process writes the log.
     path = output_dir / "events.jsonl" if os.environ.get("RANK", "0") == "0" else None
-    events = EventLog(path, on_alert=lambda alert: plugins.hook.on_alert(alert=alert))
+    echo = ConsoleEcho() if path is not None else None  # each decision as one line as it happens
+    events = EventLog(path, on_alert=lambda alert: plugins.hook.on_alert(alert=alert), echo=echo)
     say(f"guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
     events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled,
                   max_grad_norm=recipe.training_arguments().get("max_grad_norm", 1.0),
@@ -95,6 +97,7 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     try:
         plugins.hook.configure(recipe=recipe, events=events)
         trainer = build_trainer(recipe, plugins, events)
+        quiet_log_dicts(trainer)  # its log dicts, printed through the progress bar, are echo's log lines now
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()
         for dataset in (trainer.train_dataset, trainer.eval_dataset):
@@ -109,3 +112,5 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         raise
     finally:
         events.close()
+        if echo is not None:
+            echo.flush()
