@@ -76,7 +76,11 @@ def guard_enabled(recipe, name: str) -> bool:
 
 
 def on_cpu(recipe) -> bool:
-    return bool(recipe.training.get("use_cpu")) or not torch.cuda.is_available()
+    """Whether the recipe trains on a CPU. bf16 or 4-bit without ``use_cpu`` is a GPU recipe: checked on a
+    machine without a GPU, its CPU behaviour is not what it will run with."""
+    training = recipe.training
+    gpu_recipe = bool(training.get("bf16")) or recipe.quantization.load_in_4bit
+    return bool(training.get("use_cpu")) or (not torch.cuda.is_available() and not gpu_recipe)
 
 
 def fp16_message(requests: list[str], dtype: str, where: str) -> str:

@@ -200,7 +200,9 @@ class VisionFreezeGuard:
     def _report(self, model, layout: Layout, frozen: int, adapters: int, events) -> None:
         table = parameter_table(model, layout)
         kept = f"; projector kept as PEFT set it: {', '.join(layout.projector)}" if self.options.train_projector else ""
-        events.record(NAME, "info", f"froze {frozen:,} parameters under {layout.tower}{kept}", tower=layout.tower,
+        done = (f"froze {frozen:,} parameters under {layout.tower}" if frozen else
+                f"{layout.tower} was already frozen (PEFT freezes every weight but the adapters); kept frozen")
+        events.record(NAME, "info", done + kept, tower=layout.tower,
                       projector=layout.projector, frozen_params=frozen, lora_modules_frozen=adapters, table=table)
         if self.options.train_projector and layout.projector and table["projector"]["trainable"] == 0:
             events.alert(NAME, "train_projector = true, but nothing in the projector is trainable: LoRA "
