@@ -1,11 +1,11 @@
 """optim8bit: bitsandbytes AdamW8bit over the trainable parameters only.
 
-The source note passed every parameter, frozen ones included, and fell back with a printed warning
-when bitsandbytes was missing. Here only trainable parameters reach the optimizer (the Trainer's own
-weight-decay grouping), bitsandbytes is tried on the parameters' device before it is trusted, and a
-fallback to torch AdamW names the reason. Optimizer-state bytes per trainable parameter are logged:
-8-bit Adam keeps about 2 bytes where torch AdamW keeps 8 (bitsandbytes keeps tensors under 4096
-elements in 32-bit state).
+The usual AdamW8bit recipe (the fix in recipes/pcb_qwen3vl.toml among them) passed every parameter,
+frozen ones included, and fell back with a printed warning when bitsandbytes was missing. Here only
+trainable parameters reach the optimizer (the Trainer's own weight-decay grouping), bitsandbytes is
+tried on the parameters' device before it is trusted, and a fallback to torch AdamW names the reason.
+Optimizer-state bytes per trainable parameter are logged: 8-bit Adam keeps about 2 bytes where torch
+AdamW keeps 8 (bitsandbytes keeps tensors under 4096 elements in 32-bit state).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """precision: fp16 on a bf16 checkpoint, risky low-precision stacks, and the wrong model class.
 
-Two of the source note's causes. Its fix set ``fp16=True`` on Qwen3-VL-32B, a bfloat16 release: fp16's
-range (largest value 65504) overflows activations bf16 holds, a known NaN source for Qwen models. And
-it first loaded the model with ``AutoModelForVision2Seq``, which transformers 5 no longer has. Both are
-caught at ``configure``, before anything is loaded; the loaded class is checked against the
-checkpoint's ``config.architectures`` at ``setup_model``. On CPU the guard says what will really run
-(dtype ``auto`` loads float32 there; ``fp16 = true`` does nothing on CPU).
+Two causes of the exploded run recipes/pcb_qwen3vl.toml was written after. Its fix set ``fp16=True`` on
+Qwen3-VL-32B, a bfloat16 release: fp16's range (largest value 65504) overflows activations bf16 holds, a
+known NaN source for Qwen models. And it first loaded the model with ``AutoModelForVision2Seq``, which
+transformers 5 no longer has. Both are caught at ``configure``, before anything is loaded; the loaded
+class is checked against the checkpoint's ``config.architectures`` at ``setup_model``. On CPU the guard
+says what will really run (dtype ``auto`` loads float32 there; ``fp16 = true`` does nothing on CPU).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """vision_freeze: freeze the vision tower (and projector) after PEFT wrapping, then prove it stayed frozen.
 
-The source note froze by substring ("vision" or "visual" in a parameter name). That misses a tower
-named otherwise (``encoder``, ``image_tower``), misses a projector beside the tower
-(``multi_modal_projector``) and freezes anything that happens to contain the word. Here the tower is
-the module built from the model's own ``config.vision_config``; names are only a fallback. The audit
-then checks no trainable parameter or LoRA adapter is left under it, and, before the first update,
-that none of its parameters reached the optimizer.
+The usual recipe (the fix in recipes/pcb_qwen3vl.toml among them) froze by substring ("vision" or
+"visual" in a parameter name). That misses a tower named otherwise (``encoder``, ``image_tower``),
+misses a projector beside the tower (``multi_modal_projector``) and freezes anything that happens to
+contain the word. Here the tower is the module built from the model's own ``config.vision_config``;
+names are only a fallback. The audit then checks no trainable parameter or LoRA adapter is left under
+it, and, before the first update, that none of its parameters reached the optimizer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``stabguard check``: every preflight of a recipe, without training and without loading weights.
 
-The source note's advice "check the model files are complete" and its causes (wrong mask, wrong class,
-too high a learning rate, no clipping) cost GPU hours when found by a run. Here they cost seconds:
+The usual causes of an exploding Qwen3-VL LoRA run (incomplete model files, a wrong label mask, the wrong
+model class, too high a learning rate, no clipping) cost GPU hours when found by a run. Here they cost seconds:
 the recipe is validated, the model's files and the data are checked on disk, the model is built as a
 skeleton on the ``meta`` device (exact parameter counts, no memory, any size) and wrapped with LoRA,
 the guards' ``configure``/``setup_model`` hooks run on it as in a real run, a sample batch is collated
@@ -311,8 +311,8 @@ def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Rep
 # -- learning rate and clipping --------------------------------------------------------------------
 
 def lr_limits(total: int, lora: bool) -> tuple[float, float]:
-    """(fine up to, error above). LoRA on Qwen3-VL: LLaMA-Factory and ms-swift use 1e-4; the note's
-    32B run exploded at 5e-4. Full fine-tuning: Qwen's own scripts use 1e-5."""
+    """(fine up to, error above). LoRA on Qwen3-VL: LLaMA-Factory and ms-swift use 1e-4; a 32B run
+    exploded at 5e-4 (see recipes/pcb_qwen3vl.toml). Full fine-tuning: Qwen's own scripts use 1e-5."""
     if not lora:
         return 2e-5, 1e-4
     return (1e-4, 2e-4) if total >= 20e9 else (2e-4, 5e-4)
@@ -328,14 +328,14 @@ def check_learning_rate(recipe, total: int | None, report: Report) -> None:
         fine, bad = lr_limits(total, lora)
         kind = "LoRA" if lora else "full fine-tuning"
         level = "ok" if lr <= fine else "warn" if lr <= bad else "error"
-        advice = "" if level == "ok" else f"; lower it to {fine:g} or less (the note: 5e-4 exploded on 32B, 1e-4 after the fix)"
+        advice = "" if level == "ok" else f"; lower it to {fine:g} or less (on Qwen3-VL-32B, 5e-4 exploded and 1e-4 trained)"
         report.add("learning rate", level, f"learning_rate {lr:g} for {kind} of a {total / 1e9:.1f}B model: "
                    f"references stay at or below {fine:g}{advice}")
     if not t.max_grad_norm:
-        report.add("clipping", "warn", "training.max_grad_norm = 0: no gradient clipping (one of the note's "
-                   "causes); set 1.0, or 0.3 as the note did")
+        report.add("clipping", "warn", "training.max_grad_norm = 0: no gradient clipping (a common cause of "
+                   "explosions); set 1.0, or 0.3 as recipes/pcb_qwen3vl.toml does")
     if not t.warmup_steps:
-        report.add("warm-up", "info", "no warm-up: the note's fix warms up over 10% (warmup_steps = 0.1)")
+        report.add("warm-up", "info", "no warm-up: recipes/pcb_qwen3vl.toml warms up over 10% (warmup_steps = 0.1)")
 
 
 # -- the whole preflight ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``stabguard monitor OUTPUT_DIR``: watch a run from a second terminal, or check it once from a script.
 
-The source note's monitor script as a tool for any Hugging Face run: last step, loss trend, pre/post-clip
-grad norm against the note's thresholds (below 1 fine, above 10 trouble), learning rate, skipped steps,
+For any Hugging Face run: last step, loss trend, pre/post-clip grad norm against the usual LoRA
+rule of thumb (below 1 fine, above 10 trouble), learning rate, skipped steps,
 alerts and ETA, read from ``trainer_state.json`` (the newest checkpoint's while training) and
 ``events.jsonl``. ``--once`` prints plain text and sets the exit code: 0 healthy (warnings included),
 1 unhealthy, 2 nothing to read yet.
@@ -218,8 +218,9 @@ def wait_for_folder(path: Path, timeout: float, interval: float) -> bool:
 def command(output_dir, interval, wait_s, once):
     """Watch a training run's OUTPUT_DIR (any Hugging Face Trainer run; stabguard events when present).
 
-    Thresholds from the source note: pre-clip grad norm below 1 is fine, above 10 is trouble
-    (the grad_norm guard's own alert line when its alerts name one).
+    Thresholds: a pre-clip grad norm below 1 is fine, above 10 is trouble (the usual rule of thumb for
+    LoRA fine-tuning; the grad_norm guard's own alert line when its alerts name one). Started before the
+    run, it waits for OUTPUT_DIR to appear.
     """
     if not (output_dir.exists() if once else wait_for_folder(output_dir, wait_s, interval)):
         click.echo(f"stabguard monitor: {output_dir} does not exist; start the run, or check the path", err=True)
