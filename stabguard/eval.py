@@ -127,7 +127,10 @@ def evaluate(recipe_path: str | Path, *, untrained: bool = False, adapter: str |
             progress(len(records), len(chosen))
     result = {"recipe": str(recipe_path), "model": described, "untrained": untrained, "data": str(path),
               "prompt": prompt, "max_new_tokens": max_new_tokens, "metrics": summarize(scores),
-              "without_ground_truth": skipped, "samples": records}
+              "without_ground_truth": skipped, "samples": records,
+              # A tiny random model (the CPU demo) scores 0 whatever its training; the CLI says so.
+              "random_tiny_model": recipe.model.tiny is not None,
+              "parameters": sum(p.numel() for p in model.parameters())}
     target = Path(out) if out else Path(recipe.training["output_dir"]) / ("eval_untrained.json" if untrained else "eval.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
