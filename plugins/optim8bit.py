@@ -1,11 +1,11 @@
 """optim8bit: bitsandbytes AdamW8bit over the trainable parameters only.
 
-The source note passed every parameter, frozen ones included, and fell back with a printed warning
-when bitsandbytes was missing. Here only trainable parameters reach the optimizer (the Trainer's own
-weight-decay grouping), bitsandbytes is tried on the parameters' device before it is trusted, and a
-fallback to torch AdamW names the reason. Optimizer-state bytes per trainable parameter are logged:
-8-bit Adam keeps about 2 bytes where torch AdamW keeps 8 (bitsandbytes keeps tensors under 4096
-elements in 32-bit state).
+The usual AdamW8bit recipe (the fix in recipes/pcb_qwen3vl.toml among them) passed every parameter,
+frozen ones included, and fell back with a printed warning when bitsandbytes was missing. Here only
+trainable parameters reach the optimizer (the Trainer's own weight-decay grouping), bitsandbytes is
+tried on the parameters' device before it is trusted, and a fallback to torch AdamW names the reason.
+Optimizer-state bytes per trainable parameter are logged: 8-bit Adam keeps about 2 bytes where torch
+AdamW keeps 8 (bitsandbytes keeps tensors under 4096 elements in 32-bit state).
 """
 
 from __future__ import annotations
@@ -113,8 +113,18 @@ class Optim8bitGuard:
         self.reported = True
         n_bytes, n_params = state_bytes(self.optimizer)
         events.record(NAME, "info", f"optimizer state: {n_bytes / max(n_params, 1):.2f} bytes per trainable "
-                      f"parameter ({n_bytes / 2**20:.1f} MiB for {n_params:,})", step=state.step,
-                      state_bytes=n_bytes, trainable_params=n_params)
+                      f"parameter ({n_bytes / 2**20:.1f} MiB for {n_params:,}){self._why_32bit(n_params)}",
+                      step=state.step, state_bytes=n_bytes, trainable_params=n_params, console=True)
+
+    def _why_32bit(self, n_params: int) -> str:
+        """8 bytes per parameter from an 8-bit optimizer looks broken unless it says why."""
+        small = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"]
+                    if p.numel() < MIN_8BIT_SIZE)
+        if not small:
+            return ""
+        share = "all" if small == n_params else f"{small:,} of them"
+        return (f"; {share} in tensors under {MIN_8BIT_SIZE} elements, which bitsandbytes keeps in 32-bit "
+                "state (8 bytes); 8-bit state (2 bytes) starts at that size")
 
     @hookimpl
     def on_log(self, logs):

@@ -1,11 +1,11 @@
 """precision: fp16 on a bf16 checkpoint, risky low-precision stacks, and the wrong model class.
 
-Two of the source note's causes. Its fix set ``fp16=True`` on Qwen3-VL-32B, a bfloat16 release: fp16's
-range (largest value 65504) overflows activations bf16 holds, a known NaN source for Qwen models. And
-it first loaded the model with ``AutoModelForVision2Seq``, which transformers 5 no longer has. Both are
-caught at ``configure``, before anything is loaded; the loaded class is checked against the
-checkpoint's ``config.architectures`` at ``setup_model``. On CPU the guard says what will really run
-(dtype ``auto`` loads float32 there; ``fp16 = true`` does nothing on CPU).
+Two causes of the exploded run recipes/pcb_qwen3vl.toml was written after. Its fix set ``fp16=True`` on
+Qwen3-VL-32B, a bfloat16 release: fp16's range (largest value 65504) overflows activations bf16 holds, a
+known NaN source for Qwen models. And it first loaded the model with ``AutoModelForVision2Seq``, which
+transformers 5 no longer has. Both are caught at ``configure``, before anything is loaded; the loaded
+class is checked against the checkpoint's ``config.architectures`` at ``setup_model``. On CPU the guard
+says what will really run (dtype ``auto`` loads float32 there; ``fp16 = true`` does nothing on CPU).
 """
 
 from __future__ import annotations
@@ -76,7 +76,11 @@ def guard_enabled(recipe, name: str) -> bool:
 
 
 def on_cpu(recipe) -> bool:
-    return bool(recipe.training.get("use_cpu")) or not torch.cuda.is_available()
+    """Whether the recipe trains on a CPU. bf16 or 4-bit without ``use_cpu`` is a GPU recipe: checked on a
+    machine without a GPU, its CPU behaviour is not what it will run with."""
+    training = recipe.training
+    gpu_recipe = bool(training.get("bf16")) or recipe.quantization.load_in_4bit
+    return bool(training.get("use_cpu")) or (not torch.cuda.is_available() and not gpu_recipe)
 
 
 def fp16_message(requests: list[str], dtype: str, where: str) -> str:

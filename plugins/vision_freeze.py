@@ -1,11 +1,11 @@
 """vision_freeze: freeze the vision tower (and projector) after PEFT wrapping, then prove it stayed frozen.
 
-The source note froze by substring ("vision" or "visual" in a parameter name). That misses a tower
-named otherwise (``encoder``, ``image_tower``), misses a projector beside the tower
-(``multi_modal_projector``) and freezes anything that happens to contain the word. Here the tower is
-the module built from the model's own ``config.vision_config``; names are only a fallback. The audit
-then checks no trainable parameter or LoRA adapter is left under it, and, before the first update,
-that none of its parameters reached the optimizer.
+The usual recipe (the fix in recipes/pcb_qwen3vl.toml among them) froze by substring ("vision" or
+"visual" in a parameter name). That misses a tower named otherwise (``encoder``, ``image_tower``),
+misses a projector beside the tower (``multi_modal_projector``) and freezes anything that happens to
+contain the word. Here the tower is the module built from the model's own ``config.vision_config``;
+names are only a fallback. The audit then checks no trainable parameter or LoRA adapter is left under
+it, and, before the first update, that none of its parameters reached the optimizer.
 """
 
 from __future__ import annotations
@@ -200,7 +200,9 @@ class VisionFreezeGuard:
     def _report(self, model, layout: Layout, frozen: int, adapters: int, events) -> None:
         table = parameter_table(model, layout)
         kept = f"; projector kept as PEFT set it: {', '.join(layout.projector)}" if self.options.train_projector else ""
-        events.record(NAME, "info", f"froze {frozen:,} parameters under {layout.tower}{kept}", tower=layout.tower,
+        done = (f"froze {frozen:,} parameters under {layout.tower}" if frozen else
+                f"{layout.tower} was already frozen (PEFT freezes every weight but the adapters); kept frozen")
+        events.record(NAME, "info", done + kept, tower=layout.tower,
                       projector=layout.projector, frozen_params=frozen, lora_modules_frozen=adapters, table=table)
         if self.options.train_projector and layout.projector and table["projector"]["trainable"] == 0:
             events.alert(NAME, "train_projector = true, but nothing in the projector is trainable: LoRA "

@@ -5,12 +5,20 @@ The public API for plugins and scripts. Heavy modules (torch, transformers) load
 
 from __future__ import annotations
 
+import logging
+
 from stabguard.events import Alert, EventLog
 from stabguard.hookspecs import hookimpl
 from stabguard.options import GuardOptions
 from stabguard.verdict import Action, GuardError, Verdict
 
 __version__ = "0.1.0"
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is absent;
+# it only means CPU 4-bit matmuls use its slower built-in path (which stabguard never uses: 4-bit is GPU-only
+# here), yet it showed on every command and benchmark.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 __all__ = [
     "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "StepState",

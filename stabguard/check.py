@@ -1,7 +1,7 @@
 """``stabguard check``: every preflight of a recipe, without training and without loading weights.
 
-The source note's advice "check the model files are complete" and its causes (wrong mask, wrong class,
-too high a learning rate, no clipping) cost GPU hours when found by a run. Here they cost seconds:
+The usual causes of an exploding Qwen3-VL LoRA run (incomplete model files, a wrong label mask, the wrong
+model class, too high a learning rate, no clipping) cost GPU hours when found by a run. Here they cost seconds:
 the recipe is validated, the model's files and the data are checked on disk, the model is built as a
 skeleton on the ``meta`` device (exact parameter counts, no memory, any size) and wrapped with LoRA,
 the guards' ``configure``/``setup_model`` hooks run on it as in a real run, a sample batch is collated
@@ -125,10 +125,20 @@ def check_model_files(recipe, report: Report) -> bool:
 
 # -- data ------------------------------------------------------------------------------------------
 
+def make_data_hint(path: str, hinted: set) -> list[str]:
+    """The commands that write a missing data file (once per folder): the usual first stumble on a fresh clone."""
+    if Path(path).exists() or Path(path).parent in hinted:
+        return []
+    hinted.add(Path(path).parent)
+    out = Path(path).parent
+    return [f"make it first: stabguard data synth-pcb --out {out} --n 2000 --size 640   (synthetic, minutes)",
+            f"           or: stabguard data import-deeppcb --src PATH/TO/DeepPCB/PCBData --out {out}"]
+
+
 def check_data(recipe, report: Report, rows: int, images: int, progress: ProgressFn | None = None) -> bool:
     from stabguard.data import check_images, check_rows
 
-    ok = True
+    ok, hinted = True, set()
     for split, path in (("train", recipe.data.train), ("val", recipe.data.val)):
         if path is None:
             continue
@@ -136,7 +146,8 @@ def check_data(recipe, report: Report, rows: int, images: int, progress: Progres
         problems = check_rows(path, limit=rows, progress=shown) + check_images(path, sample=images, progress=shown)
         if problems:
             ok = False
-            report.add("data", "error", f"{split} {path}: {len(problems)} problem(s)", problems[:20])
+            report.add("data", "error", f"{split} {path}: {len(problems)} problem(s)",
+                       problems[:20] + make_data_hint(path, hinted))
         else:
             report.add("data", "ok", f"{split} {path}: first {rows} rows valid, up to {images} images decoded")
     return ok
@@ -154,7 +165,7 @@ def model_config(recipe, local: bool):
 
 def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
     """The recipe's model on the meta device, LoRA-wrapped; and its weight counts for the memory estimate."""
-    from stabguard.models import lora_config, resolve_model_class
+    from stabguard.models import lora_config, peft_quietly, resolve_model_class
 
     cls = resolve_model_class(recipe.model.model_class)
     with torch.device("meta"):
@@ -163,7 +174,8 @@ def build_skeleton(recipe, config) -> tuple[Any, dict[str, int]]:
         if recipe.lora.enabled:
             from peft import get_peft_model
 
-            net = get_peft_model(net, lora_config(recipe.lora))
+            with peft_quietly():
+                net = get_peft_model(net, lora_config(recipe.lora))
     return net, counts
 
 
@@ -292,7 +304,7 @@ def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Rep
     total = memory["total_gib"]
     summary = f"about {total:.1f} GiB per GPU (batch {memory['batch']} x {memory['seq']} tokens) against --gpu-mem {gpu_mem:g} GiB"
     if total > gpu_mem:
-        fixes = "" if memory["checkpointing"] else "gradient_checkpointing = true, "
+        fixes = "" if memory["checkpointing"] else "activation_checkpointing = true, "
         fixes += "" if recipe.quantization.load_in_4bit else "quantization.load_in_4bit = true, "
         report.add("memory", "error", f"{summary}: does not fit; try {fixes}a smaller batch or data.max_length", details)
     else:
@@ -302,8 +314,8 @@ def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Rep
 # -- learning rate and clipping --------------------------------------------------------------------
 
 def lr_limits(total: int, lora: bool) -> tuple[float, float]:
-    """(fine up to, error above). LoRA on Qwen3-VL: LLaMA-Factory and ms-swift use 1e-4; the note's
-    32B run exploded at 5e-4. Full fine-tuning: Qwen's own scripts use 1e-5."""
+    """(fine up to, error above). LoRA on Qwen3-VL: LLaMA-Factory and ms-swift use 1e-4; a 32B run
+    exploded at 5e-4 (see recipes/pcb_qwen3vl.toml). Full fine-tuning: Qwen's own scripts use 1e-5."""
     if not lora:
         return 2e-5, 1e-4
     return (1e-4, 2e-4) if total >= 20e9 else (2e-4, 5e-4)
@@ -319,14 +331,14 @@ def check_learning_rate(recipe, total: int | None, report: Report) -> None:
         fine, bad = lr_limits(total, lora)
         kind = "LoRA" if lora else "full fine-tuning"
         level = "ok" if lr <= fine else "warn" if lr <= bad else "error"
-        advice = "" if level == "ok" else f"; lower it to {fine:g} or less (the note: 5e-4 exploded on 32B, 1e-4 after the fix)"
+        advice = "" if level == "ok" else f"; lower it to {fine:g} or less (on Qwen3-VL-32B, 5e-4 exploded and 1e-4 trained)"
         report.add("learning rate", level, f"learning_rate {lr:g} for {kind} of a {total / 1e9:.1f}B model: "
                    f"references stay at or below {fine:g}{advice}")
     if not t.max_grad_norm:
-        report.add("clipping", "warn", "training.max_grad_norm = 0: no gradient clipping (one of the note's "
-                   "causes); set 1.0, or 0.3 as the note did")
+        report.add("clipping", "warn", "training.max_grad_norm = 0: no gradient clipping (a common cause of "
+                   "explosions); set 1.0, or 0.3 as recipes/pcb_qwen3vl.toml does")
     if not t.warmup_steps:
-        report.add("warm-up", "info", "no warm-up: the note's fix warms up over 10% (warmup_steps = 0.1)")
+        report.add("warm-up", "info", "no warm-up: recipes/pcb_qwen3vl.toml warms up over 10% (warmup_steps = 0.1)")
 
 
 # -- the whole preflight ---------------------------------------------------------------------------

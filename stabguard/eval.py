@@ -34,7 +34,7 @@ def load_for_eval(recipe: Any, *, untrained: bool = False, adapter: str | Path |
     """(model in eval mode, processor, what was loaded, in words)."""
     import torch
 
-    from stabguard.models import load_model
+    from stabguard.models import load_model, peft_quietly
 
     model_section, described = recipe.model, f"untrained base model {recipe.model.name_or_path}"
     full = not untrained and not recipe.lora.enabled  # full fine-tuning saved the whole model in output_dir
@@ -49,7 +49,8 @@ def load_for_eval(recipe: Any, *, untrained: bool = False, adapter: str | Path |
         from peft import PeftModel
 
         path = find_adapter(adapter or recipe.training["output_dir"])
-        model = PeftModel.from_pretrained(model, str(path))
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, str(path))
         if not recipe.quantization.load_in_4bit:  # merged: same outputs, no adapter overhead per token
             model = model.merge_and_unload()
         described = f"{recipe.model.name_or_path} + LoRA adapter {path}"
@@ -128,7 +129,10 @@ def evaluate(recipe_path: str | Path, *, untrained: bool = False, adapter: str |
             progress("answers generated", len(records), len(chosen))
     result = {"recipe": str(recipe_path), "model": described, "untrained": untrained, "data": str(path),
               "prompt": prompt, "max_new_tokens": max_new_tokens, "metrics": summarize(scores),
-              "without_ground_truth": skipped, "samples": records}
+              "without_ground_truth": skipped, "samples": records,
+              # A tiny random model (the CPU demo) scores 0 whatever its training; the CLI says so.
+              "random_tiny_model": recipe.model.tiny is not None,
+              "parameters": sum(p.numel() for p in model.parameters())}
     target = Path(out) if out else Path(recipe.training["output_dir"]) / ("eval_untrained.json" if untrained else "eval.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

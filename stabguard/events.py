@@ -58,13 +58,14 @@ class EventLog:
 
     ``path=None`` keeps events in memory only (tests). ``on_alert`` is called once for every event of
     kind ``"alert"`` on rank 0; the trainer points it at the ``on_alert`` hook. A notifier that raises
-    becomes an ``error`` event: an alert sink must not end a run.
+    becomes an ``error`` event: an alert sink must not end a run. ``echo`` is called with every event
+    after it is written (``stabguard run`` shows them on the console).
     """
 
-    def __init__(self, path: str | Path | None = None, on_alert: Callable[[Alert], Any] | None = None, *,
-                 run: str | None = None, rank: int = 0):
+    def __init__(self, path: str | Path | None = None, on_alert: Callable[[Alert], Any] | None = None,
+                 echo: Callable[[dict], Any] | None = None, *, run: str | None = None, rank: int = 0):
         self.path = Path(path) if path is not None else None
-        self.on_alert = on_alert
+        self.on_alert, self.echo = on_alert, echo
         self.run, self.rank = run or new_run_id(), rank
         self.events: list[dict[str, Any]] = []
         self._fd: int | None = None
@@ -82,6 +83,8 @@ class EventLog:
         self.events.append(event)
         if self._fd is not None and (self.rank == 0 or kind in RANK_LOCAL_KINDS):
             os.write(self._fd, (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8"))
+        if self.echo is not None:
+            self.echo(event)
         if kind == "alert" and self.on_alert is not None and self.rank == 0:
             self._notify(Alert(guard=guard, message=message, step=step, values=event["values"]))
         return event

@@ -1,6 +1,6 @@
-"""What to try after a STOP: the source note's "if it still explodes" checklist, tied to this run's evidence.
+"""What to try after a STOP: the usual "if it still explodes" checklist, tied to this run's evidence.
 
-The note's list is generic: check the data, lower the learning rate 1e-4 -> 5e-5, tighten clipping
+The usual list is generic: check the data, lower the learning rate 1e-4 -> 5e-5, tighten clipping
 0.3 -> 0.1, reduce the batch size 2 -> 1, check the model files. Each hint here says what this run
 showed (which step went non-finite, how high the grad norm went and when, the learning rate and clip
 in force, which samples a guard flagged), read from ``events.jsonl``, ``trainer_state.json`` and
@@ -81,7 +81,7 @@ def gather(output_dir: str | Path, stop_reason: str | None) -> Evidence:
     return ev
 
 
-# -- one hint per item of the note's checklist -----------------------------------------------------
+# -- one hint per item of the checklist ------ -----------------------------------------------------
 
 def data_hint(ev: Evidence) -> str:
     if ev.samples:
@@ -104,16 +104,16 @@ def lr_hint(ev: Evidence) -> str | None:
     if ev.first_bad and ev.first_bad[0] <= 1:
         after = " (step 1 went non-finite before any update, so the learning rate did not cause that step)"
     return (f"learning rate: learning_rate = {num(ev.lr)}{at}{after}; halve it: learning_rate = {num(ev.lr / 2)} "
-            "(the note: 1e-4 -> 5e-5), and keep a warm-up (warmup_steps = 0.1).")
+            "(e.g. 1e-4 -> 5e-5), and keep a warm-up (warmup_steps = 0.1).")
 
 
 def clip_hint(ev: Evidence) -> str:
     peak = f"the pre-clip grad norm peaked at {num(ev.peak[1])} at step {ev.peak[0]}" if ev.peak else "no finite grad norm was logged"
     nan = (f"; clipping cannot repair the non-finite gradient of step {ev.first_bad[0]}" if ev.first_bad else "")
     if ev.clip is None:
-        return f"clipping: none was applied and {peak}{nan}; set max_grad_norm = 1.0, or 0.3 as the note did."
+        return f"clipping: none was applied and {peak}{nan}; set max_grad_norm = 1.0, or 0.3 as recipes/pcb_qwen3vl.toml does."
     return (f"clipping: max_grad_norm = {num(ev.clip)} and {peak}{nan}; tighten it: max_grad_norm = {num(ev.clip / 3)} "
-            "(the note: 0.3 -> 0.1).")
+            "(e.g. 0.3 -> 0.1).")
 
 
 def batch_hint(ev: Evidence) -> str | None:
@@ -123,7 +123,7 @@ def batch_hint(ev: Evidence) -> str | None:
     if ev.batch == 1:
         return f"batch size: already 1 per device (x {accumulation} accumulation); nothing to lower here."
     smaller = max(ev.batch // 2, 1)
-    return (f"batch size: {ev.batch} per device x {accumulation} accumulation; the note's step 4: "
+    return (f"batch size: {ev.batch} per device x {accumulation} accumulation; halve it and double the accumulation: "
             f"per_device_train_batch_size = {smaller}, gradient_accumulation_steps = {accumulation * ev.batch // smaller} "
             f"keeps the effective batch of {ev.batch * accumulation} with less padding and activation memory per step.")
 

@@ -8,7 +8,9 @@ one path.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,15 @@ from stabguard.qwen import (  # noqa: F401
 # Tiny-model defaults when none are given: 4 to 64 tokens per image keeps CPU steps fast.
 TINY_MIN_PIXELS = 4 * 32 * 32
 TINY_MAX_PIXELS = 64 * 32 * 32
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT (0.18) asks transformers 5 for the deprecated ``is_gradient_checkpointing`` each time it wraps
+    a model; the FutureWarning is theirs to fix, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -247,5 +258,6 @@ def load_model(model: Any, lora: Any, quantization: Any) -> tuple[Any, Any]:
     if lora is not None and lora.enabled:
         from peft import get_peft_model
 
-        net = get_peft_model(net, lora_config(lora))
+        with peft_quietly():
+            net = get_peft_model(net, lora_config(lora))
     return net, load_processor(model)

@@ -9,9 +9,10 @@ class GuardOptions(BaseModel):
     """Options of one guard, read from the recipe's ``[guards.<name>]`` table.
 
     Subclass it and declare fields with defaults; unknown keys are rejected with the allowed names.
-    ``enabled = false`` in the recipe switches the guard off.
+    Values are strict: ``max_consecutive = "5"`` is an error, not 5 (an integer is still taken for a
+    float). ``enabled = false`` in the recipe switches the guard off.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
     enabled: bool = True

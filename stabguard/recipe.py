@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stabguard.options import GuardOptions
+from stabguard.training_types import check_types, toml_repr
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,7 +46,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "16" is not taken as 16 (an int is still taken as a float)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelSection(Section):
@@ -164,7 +166,9 @@ def _pydantic_errors(exc: ValidationError, prefix: str = "", model: type[BaseMod
         if err["type"] == "extra_forbidden":
             message = _unknown_key(str(err["loc"][-1]), _model_at(model, err["loc"][:-1]))
         elif err["type"] == "literal_error":
-            message = f"{err['msg']} (got {err.get('input')!r})"
+            message = f"{err['msg']} (got {toml_repr(err.get('input'))})"
+        elif err["type"].endswith("_type"):  # strict mode: "5" for an int
+            message = f"{err['msg']}, got {toml_repr(err.get('input'))}"
         out.append((key or "<recipe>", message))
     return out
 
@@ -222,6 +226,8 @@ def check_training(training: Any) -> list[tuple[str, str]]:
                        "the collator, and their state and events would stay in the worker processes"))
     if "output_dir" not in training:
         errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
+    # TrainingArguments keeps a wrongly typed value and the Trainer fails on it mid-run; name it here.
+    errors += check_types(training)
     if errors:
         return errors
     # Values are checked here, not this machine: TrainingArguments refuses bf16 without a bf16 GPU unless

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import transformers
 
+from stabguard.console import ConsoleEcho, quiet_log_dicts
 from stabguard.events import EventLog, new_run_id
 from stabguard.manager import Plugins
 from stabguard.recipe import Recipe, RecipeError, load_recipe, plugin_lists
@@ -94,8 +95,9 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     output_dir = Path(recipe.training["output_dir"])
     args = transformers.TrainingArguments(**recipe.training_arguments())  # under torchrun: joins the group
     rank = args.process_index
+    echo = ConsoleEcho() if rank == 0 else None  # each decision as one line as it happens
     events = EventLog(output_dir / EVENTS_FILE, on_alert=lambda alert: plugins.hook.on_alert(alert=alert),
-                      run=shared_run_id(), rank=rank)
+                      echo=echo, run=shared_run_id(), rank=rank)
     say(f"run {events.run}; guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
     events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled, resume=str(resume),
                   max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, seed=args.seed,
@@ -103,6 +105,7 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     try:
         plugins.hook.configure(recipe=recipe, events=events)
         trainer = build_trainer(recipe, plugins, events, args)
+        quiet_log_dicts(trainer)  # its log dicts, printed through the progress bar, are echo's log lines now
         trainer.train(resume_from_checkpoint=resolve_resume(output_dir, resume))
         trainer.save_state()
         for dataset in (trainer.train_dataset, trainer.eval_dataset):
@@ -119,6 +122,8 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         raise
     finally:
         events.close()
+        if echo is not None:
+            echo.flush()
 
 
 def _unapplied_failure(trainer):

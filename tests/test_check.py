@@ -83,8 +83,15 @@ def test_a_corrupt_image_is_named_with_its_row(tmp_path, tiny_assets):
     assert code == 1 and f"image {image}" in output and "train.jsonl:1" in output and "cannot be decoded" in output
 
 
+def test_missing_data_says_the_command_that_makes_it_once(tmp_path, tiny_assets):
+    missing = tmp_path / "data" / "pcb" / "train.jsonl"
+    code, output = check(tmp_path, {**tiny_assets, "train": missing}, data={"val": str(missing.with_name("val.jsonl"))})
+    assert code == 1 and "train.jsonl: file not found" in output
+    assert output.count(f"make it first: stabguard data synth-pcb --out {missing.parent} --n 2000") == 1
+
+
 def test_32b_from_the_builtin_sizes_bad_lr_and_the_weights_arithmetic(tmp_path, tiny_assets):
-    report = as_json(tmp_path, tiny_assets, training={"learning_rate": 5e-4, "gradient_checkpointing": True},
+    report = as_json(tmp_path, tiny_assets, training={"learning_rate": 5e-4, "activation_checkpointing": True},
                      model={"name_or_path": HUB_32B}, quantization={"load_in_4bit": True}, lora={"r": 16, "alpha": 32})
     by_check = {f["check"]: f for f in report["findings"]}
     assert by_check["model files"]["level"] == "warn" and "cannot be checked offline" in by_check["model files"]["message"]

@@ -12,6 +12,7 @@ from support import tiny_recipe, write_recipe
 from stabguard import eval as sg_eval
 from stabguard.cli.eval import command
 from stabguard.data.synth import answer
+from stabguard.models import peft_quietly
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def setup(tiny_assets, tmp_path_factory):
     recipe["data"]["val"] = str(tiny_assets["train"])  # 6 rows: enough for two batches
     path = write_recipe(root / "recipe.toml", recipe)
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_assets["model"], dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with peft_quietly():
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -79,7 +81,20 @@ def test_cli_prints_the_table_and_writes_eval_json(setup):
     assert result.exit_code == 0, result.output
     for label in ("count accuracy", "defect-type accuracy", "mean box IoU", "answers in the format"):
         assert label in result.output
-    assert json.loads(out.read_text())["metrics"]["samples"] == 2
+    written = json.loads(out.read_text())
+    assert written["metrics"]["samples"] == 2 and written["parameters"] > 0
+    assert written["random_tiny_model"] is False and "expected score" not in result.output  # no model.tiny
+
+
+def test_a_random_tiny_model_s_zero_is_said_to_be_expected(setup, tmp_path):
+    recipe = setup["recipe"].read_text().replace("[model]\n", '[model]\ntiny = { seed = 0 }\n', 1)
+    path = tmp_path / "tiny.toml"
+    path.write_text(recipe)
+    result = CliRunner().invoke(command, [str(path), "--untrained", "--limit", "1", "--max-new-tokens", "2",
+                                          "--out", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "M-parameter random tiny Qwen3-VL (model.tiny)" in result.output
+    assert "0% is its expected score" in result.output
 
 
 def test_cli_missing_adapter_and_missing_val_are_clear(setup, tmp_path):

@@ -55,10 +55,35 @@ def test_bad_toml_names_the_line(tmp_path):
 
 
 def test_training_values_are_checked_by_transformers(tmp_path):
+    # A rule across fields that only TrainingArguments itself knows: the best model needs evaluations.
     recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
-                         training={"lr_scheduler_type": "zigzag"})
+                         training={"load_best_model_at_end": True})
     errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
-    assert "zigzag" in errors["training"]
+    assert "load_best_model_at_end" in errors["training"]
+
+
+def test_training_value_types_are_checked_all_at_once(tmp_path):
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
+                         training={"max_steps": "twenty-four", "learning_rate": "fast", "bf16": "yes",
+                                   "lr_scheduler_type": "zigzag"})
+    errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
+    assert errors["training.max_steps"] == 'expected an integer, got "twenty-four"'
+    assert errors["training.learning_rate"] == 'expected a number, got "fast"'
+    assert errors["training.bf16"] == 'expected true or false, got "yes"'
+    assert errors["training.lr_scheduler_type"].startswith('expected one of "linear", "cosine"')
+
+
+def test_an_integer_is_a_number_but_a_string_is_not_an_integer(tmp_path):
+    recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
+                         training={"learning_rate": 1, "warmup_steps": 0.1},
+                         guards={"grad_norm": {"alert_above": 5}})
+    loaded = load_recipe(write_recipe(tmp_path / "r.toml", recipe), Plugins.for_recipe())
+    assert loaded.guards["grad_norm"].alert_above == 5.0
+    recipe["guards"] = {"nonfinite": {"max_consecutive": "5"}}
+    recipe["lora"]["r"] = "16"
+    errors = errors_of(write_recipe(tmp_path / "r.toml", recipe))
+    assert errors["guards.nonfinite.max_consecutive"] == 'Input should be a valid integer, got "5"'
+    assert errors["lora.r"] == 'Input should be a valid integer, got "16"'
 
 
 def test_guard_tables_get_their_options_and_defaults(tmp_path):

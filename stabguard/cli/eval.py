@@ -40,7 +40,16 @@ def render(result: dict, examples: int = 2) -> str:
     for record in result["samples"][:examples]:
         lines.append(f"  e.g. {record['id']}: {record['answer'][:100]!r}")
     lines.append(f"  written to {result['written']}")
+    if result.get("random_tiny_model"):
+        lines.append(tiny_model_note(result.get("parameters")))
     return "\n".join(lines)
+
+
+def tiny_model_note(parameters: int | None) -> str:
+    size = f"{parameters / 1e6:.2f}M-parameter " if parameters else ""
+    return (f"  note: this recipe's model is a {size}random tiny Qwen3-VL (model.tiny), built to exercise the "
+            "pipeline on a CPU, not to read boards: 0% is its expected score, trained or not. Scores mean "
+            "something with a real checkpoint, e.g. recipes/pcb_qwen3vl.toml.")
 
 
 @click.command("eval")

@@ -1,7 +1,7 @@
 """``stabguard monitor OUTPUT_DIR``: watch a run from a second terminal, or check it once from a script.
 
-The source note's monitor script as a tool for any Hugging Face run: last step, loss trend, pre/post-clip
-grad norm against the note's thresholds (below 1 fine, above 10 trouble), learning rate, skipped steps,
+For any Hugging Face run: last step, loss trend, pre/post-clip grad norm against the usual LoRA
+rule of thumb (below 1 fine, above 10 trouble), learning rate, skipped steps,
 alerts and ETA, read from ``trainer_state.json`` (the newest checkpoint's while training) and
 ``events.jsonl``. ``--once`` prints plain text and sets the exit code: 0 healthy (warnings included),
 1 unhealthy, 2 nothing to read yet.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -68,15 +69,17 @@ def seconds_per_step(run: RunState, recent: int = 10) -> float | None:
 def progress_rows(run: RunState) -> list[Row]:
     total = f" / {run.max_steps} ({100 * run.global_step / run.max_steps:.0f}%)" if run.max_steps else ""
     rows = [Row("step", f"{run.global_step}{total}")]
+    # One label for a running and an ended run: "ETA finished in 1m 25s" read as a contradiction.
     if run.events_of("stop"):
-        rows.append(Row("ETA", "stopped", "trouble"))
+        rows.append(Row("time", "run stopped", "trouble"))
     elif run.finished:
         runtime = run.summary.get("train_runtime") if run.summary else None
-        rows.append(Row("ETA", f"finished{f' in {duration(runtime)}' if runtime else ''}"))
+        rows.append(Row("time", f"finished{f' in {duration(runtime)}' if runtime else ''}"))
     else:
         rate = seconds_per_step(run)
         left = (run.max_steps - run.global_step) * rate if rate and run.max_steps else None
-        rows.append(Row("ETA", f"{duration(left)} ({rate:.2f} s/step)" if left is not None else "unknown yet"))
+        rows.append(Row("time", f"{duration(left)} left ({rate:.2f} s/step)" if left is not None
+                        else "time left not known yet (needs two timed steps)"))
     return rows
 
 
@@ -199,19 +202,39 @@ def _read_view(reader: TrainerStateReader):
     return view, run, EXIT_UNHEALTHY if diagnosis.health == "trouble" else EXIT_OK
 
 
+def wait_for_folder(path: Path, timeout: float, interval: float) -> bool:
+    """A monitor started before the run: wait for the run to create its output folder."""
+    if path.exists():
+        return True
+    click.echo(f"stabguard monitor: waiting for {path} (the run creates it when it starts; "
+               f"giving up after {timeout:g} s, Ctrl-C to stop)", err=True)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(interval, 1.0))
+    return True
+
+
 @click.command("monitor")
-@click.argument("output_dir", type=click.Path(exists=True))
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
               help="seconds between refreshes")
+@click.option("--wait", "wait_s", default=600.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds to wait for OUTPUT_DIR to appear (not with --once)")
 @click.option("--once", is_flag=True, help="print one plain-text snapshot; exit 1 if unhealthy, 2 if nothing to read")
 @click.option("--run", "run_id", default=None, metavar="ID|all",
               help="which run of events.jsonl to show (a resume is a new run); default: the latest")
-def command(output_dir, interval, once, run_id):
+def command(output_dir, interval, wait_s, once, run_id):
     """Watch a training run's OUTPUT_DIR (any Hugging Face Trainer run; stabguard events when present).
 
-    Thresholds from the source note: pre-clip grad norm below 1 is fine, above 10 is trouble
-    (the grad_norm guard's own alert line when its alerts name one).
+    Thresholds: a pre-clip grad norm below 1 is fine, above 10 is trouble (the usual rule of thumb for
+    LoRA fine-tuning; the grad_norm guard's own alert line when its alerts name one). Started before the
+    run, it waits for OUTPUT_DIR to appear.
     """
+    if not (output_dir.exists() if once else wait_for_folder(output_dir, wait_s, interval)):
+        click.echo(f"stabguard monitor: {output_dir} does not exist; start the run, or check the path", err=True)
+        raise SystemExit(EXIT_NO_STATE)
     reader = TrainerStateReader(output_dir, run=run_id)
     if not once:
         raise SystemExit(watch(reader, interval))

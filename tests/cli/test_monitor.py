@@ -41,7 +41,7 @@ def test_plain_hf_run_with_nans_is_unhealthy(tmp_path):
     assert result.output.startswith(f"stabguard monitor: {tmp_path} (trainer_state.json")
     row, last = rows(result.output), history[-1]
     assert row["status"] == "TROUBLE"
-    assert row["step"] == f"{last['step']} / {last['step']} (100%)" and row["ETA"] == "finished in 2m 03s"
+    assert row["step"] == f"{last['step']} / {last['step']} (100%)" and row["time"] == "finished in 2m 03s"
     assert row["loss"].startswith(num(last["loss"]))
     assert row["grad norm"].startswith(f"pre-clip {num(last['grad_norm'])}, no clip (step {last['step']}; "
                                        "fine < 1, trouble > 10)")
@@ -71,7 +71,7 @@ def test_a_live_run_is_read_from_its_newest_checkpoint_with_an_eta(tmp_path):
     assert result.output.startswith(f"stabguard monitor: {tmp_path} (checkpoint-200/trainer_state.json")
     row = rows(result.output)
     assert row["step"] == "200 / 400 (50%)"
-    assert row["ETA"] == "3m 20s (1.00 s/step)"  # 200 steps left at 100 s per 100 steps
+    assert row["time"] == "3m 20s left (1.00 s/step)"  # 200 steps left at 100 s per 100 steps
 
 
 def test_live_view_waits_for_the_run_and_ends_when_it_is_finished(tmp_path):
@@ -90,6 +90,25 @@ def test_live_view_waits_for_the_run_and_ends_when_it_is_finished(tmp_path):
     assert "waiting:" in frames and "no trainer_state.json" in frames
     assert frames.index("waiting:") < frames.index("finished in 2m 03s")
     assert "grad norm below 1 throughout" in frames
+
+
+def test_started_before_the_run_it_waits_for_the_folder(tmp_path):
+    out = tmp_path / "runs" / "x"
+    maker = threading.Timer(0.3, lambda: write_hf_run(out, spiky_history(spike=(0, -1), nan_steps=())))
+    maker.start()
+    try:
+        result = CliRunner().invoke(command, [str(out), "--interval", "0.1"])
+    finally:
+        maker.join()
+    assert result.exit_code == EXIT_OK and f"waiting for {out}" in result.stderr
+    assert "finished in 2m 03s" in result.output
+
+
+def test_a_folder_that_never_appears_ends_the_wait_naming_it(tmp_path):
+    result = CliRunner().invoke(command, [str(tmp_path / "nope"), "--wait", "0.2", "--interval", "0.1"])
+    assert result.exit_code == EXIT_NO_STATE and f"{tmp_path / 'nope'} does not exist" in result.stderr
+    once_result = CliRunner().invoke(command, [str(tmp_path / "nope"), "--once"])
+    assert once_result.exit_code == EXIT_NO_STATE and "waiting" not in once_result.stderr
 
 
 def test_live_view_off_a_terminal_prints_the_last_frame(tmp_path):
@@ -119,7 +138,7 @@ def test_real_stopped_run_is_unhealthy(stopped_run):
     events = read_events(stopped_run / "events.jsonl")
     skips = [e["step"] for e in events if e["kind"] == "skip"]
     row = rows(result.output)
-    assert row["status"] == "TROUBLE" and row["ETA"] == "stopped"
+    assert row["status"] == "TROUBLE" and row["time"] == "run stopped"
     assert row["skipped"] == f"{len(skips)} step (last at step {skips[-1]})"
     assert row["alerts"].endswith("1 stop") and row["grad norm"].startswith("pre-clip nan, clip 1 ")
     assert row["diagnosis"].startswith("[trouble] run stopped at step 3") and "checkpoint-2" in result.output

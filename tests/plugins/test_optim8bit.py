@@ -118,3 +118,5 @@ def test_a_real_run_uses_adamw8bit_over_trainable_params_with_decay_groups(tmp_p
     assert len(sized) == 1 and sized[0]["step"] == 1
     # The tiny model's LoRA tensors are all under 4096 elements: bitsandbytes keeps them in 32-bit state.
     assert sized[0]["values"]["state_bytes"] / sized[0]["values"]["trainable_params"] >= 8
+    assert "all in tensors under 4096 elements, which bitsandbytes keeps in 32-bit state" in sized[0]["message"]
+    assert sized[0]["values"]["console"] is True  # the reason is shown during the run, not only in the file

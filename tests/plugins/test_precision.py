@@ -79,6 +79,12 @@ def test_on_cpu_it_says_what_really_runs(tmp_path):
     assert "fp16 = true has no effect on CPU" in summary and "AdamW8bit runs on the CPU" in summary
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU summary")
+def test_a_gpu_recipe_checked_without_a_gpu_gets_no_cpu_summary(tmp_path):
+    events = configure(recipe(checkpoint(tmp_path, dtype="bfloat16"), training={"bf16": True}, four_bit=True))
+    assert not [e for e in events.of_kind("info") if e["message"].startswith("on CPU")]
+
+
 def test_auto_model_for_vision2seq_gets_the_transformers_5_message(tmp_path):
     rcp = recipe(checkpoint(tmp_path, dtype="bfloat16"), model_class="AutoModelForVision2Seq")
     with pytest.raises(GuardError) as err:

@@ -62,6 +62,15 @@ def test_freeze_policy_freezes_tower_lora_and_keeps_text_lora(tiny_assets):
     assert table["language model"]["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in text_lora)
 
 
+def test_a_tower_peft_already_froze_is_said_to_be_frozen_not_froze_0(tiny_assets):
+    model, recipe = load(tiny_assets)  # LoRA on the text model only: PEFT froze the tower itself
+    events = EventLog()
+    VisionFreezeGuard(Options()).setup_model(model=model, recipe=recipe, events=events)
+    message = events.of_kind("info")[0]["message"]
+    assert message.startswith("base_model.model.model.visual was already frozen") and "froze 0" not in message
+    assert events.of_kind("info")[0]["values"]["frozen_params"] == 0
+
+
 def test_train_projector_keeps_merger_lora_where_substring_freezing_over_freezes(tiny_assets):
     guarded, recipe = load(tiny_assets, targets="all-linear")
     guard = VisionFreezeGuard(Options(train_projector=True, lora_in_vision="freeze"))
