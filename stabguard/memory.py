@@ -101,6 +101,21 @@ def trainable_lines(out: Arithmetic, trainable: dict[str, int], wb: int, eight_b
                 trainable["other"] * (wb + sb))
 
 
+def snapshot_lines(out: Arithmetic, trainable: dict[str, int], wb: int, eight_bit: bool, snapshots) -> None:
+    """The core's verified snapshot: a copy of the trainable weights and their optimizer state, on the GPU
+    unless offloaded to CPU memory."""
+    if not snapshots.every or not (trainable["lora"] or trainable["other"]):
+        return
+    lora = trainable["lora"] * (4 + (2 if eight_bit else 8))
+    other = trainable["other"] * (wb + (2 if eight_bit else 2 * wb))
+    if snapshots.offload:
+        out.add("verified snapshot: in CPU memory ([snapshots] offload = true)", "0 B on the GPU", 0)
+        return
+    out.add("verified snapshot ([snapshots]): trainable parameters + their optimizer state",
+            f"{trainable['lora']:,} x (4 + {2 if eight_bit else 8}) B" + (" + trainable base parameters" if other else ""),
+            lora + other)
+
+
 def activation_lines(out: Arithmetic, text, b: int, seq: int, a: int, checkpointing: bool) -> None:
     """Rough: per layer and token about 12 hidden + 5 FFN widths are kept (attention, MLP, LoRA dropout
     copies); with checkpointing only each layer's input, plus one layer being recomputed."""
@@ -124,6 +139,7 @@ def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str
     out = Arithmetic()
     weight_lines(out, q, weights, wd)
     trainable_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"))
+    snapshot_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"), recipe.snapshots)
     activation_lines(out, getattr(config, "text_config", config), b, seq, a, checkpointing)
     out.add("CUDA context and workspace", "a fixed allowance", GiB)
     total = round(sum(x["gib"] for x in out), 2)

@@ -101,6 +101,14 @@ def test_32b_from_the_builtin_sizes_bad_lr_and_the_weights_arithmetic(tmp_path, 
     assert report["parameters"]["all"]["lora"] == pytest.approx(134.2e6, rel=0.005)  # qwen3vl.md: r=16 on 7 projections
     weights = sum(line["gib"] for line in report["memory"]["lines"] if "weights" in line["what"])
     assert 22 <= weights <= 23.5  # qwen3vl.md: NF4 + fp32-upcast rest ~22-23 GiB before activations
+    (snapshot,) = [line for line in report["memory"]["lines"] if line["what"].startswith("verified snapshot")]
+    assert snapshot["gib"] == pytest.approx(134.2e6 * (4 + 2) / 2**30, abs=0.01)  # fp32 copy + 8-bit Adam state
+
+
+def test_an_offloaded_snapshot_costs_no_gpu_memory(tmp_path, tiny_assets):
+    report = as_json(tmp_path, tiny_assets, snapshots={"offload": True})
+    (snapshot,) = [line for line in report["memory"]["lines"] if line["what"].startswith("verified snapshot")]
+    assert snapshot["gib"] == 0 and "CPU memory" in snapshot["what"]
 
 
 def test_too_little_memory_fails_with_the_arithmetic(tmp_path, tiny_assets):
