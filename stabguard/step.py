@@ -134,7 +134,7 @@ class GuardedStep:
         # Apply.
         action = state.verdict.action
         if action == Action.PROCEED:
-            self._snapshot_if_due(state, params)
+            self._snapshot_if_due(state)
             if state.max_norm is not None and params:
                 clip_with_norm(params, state.max_norm, grad_norm)
             self.since_snapshot[state.step] = state.samples
@@ -168,7 +168,7 @@ class GuardedStep:
         return Verdict.stop(f"{self.consecutive_skips} steps skipped in a row; last: {verdict.reason}",
                             verdict.guard or "core")
 
-    def _snapshot_if_due(self, state: StepState, params: list[torch.Tensor]) -> None:
+    def _snapshot_if_due(self, state: StepState) -> None:
         """The weights about to be updated produced this step's loss, which every guard just accepted."""
         if not self.snapshot_every:
             return
@@ -176,9 +176,17 @@ class GuardedStep:
             return
         self.snapshot = None  # free the old copy before making the new one
         trainable = [p for p in state.model.parameters() if p.requires_grad]
-        self.snapshot = Snapshot(state.step - 1, trainable, state.optimizer, self.snapshot_offload,
-                                 guard_state=copy.deepcopy(plugin_states(self.plugins)))
+        guard_state = self._after_agreement(state, lambda: copy.deepcopy(plugin_states(self.plugins)))
+        self.snapshot = Snapshot(state.step - 1, trainable, state.optimizer, self.snapshot_offload, guard_state)
         self.since_snapshot = {}
+
+    def _after_agreement(self, state: StepState, call):
+        """Hooks called after the ranks agreed: one that raises stops the run at the next agreement."""
+        try:
+            return call()
+        except HookError as exc:
+            self.held.append(self.failed(exc, state.step, state.samples))
+            return None
 
     def _drop_update(self, trainer, model) -> None:
         """No gradients, no optimizer step, no scheduler step; the logged loss leaves the step out."""
@@ -194,7 +202,8 @@ class GuardedStep:
             return  # nothing verified yet: the rollback is a skip
         self.snapshot.restore(state.optimizer)
         state.restored_step = self.snapshot.step
-        self.plugins.hook.on_rollback(state=state, restored_step=self.snapshot.step, events=self.events)
+        self._after_agreement(state, lambda: self.plugins.hook.on_rollback(
+            state=state, restored_step=self.snapshot.step, events=self.events))
 
     def _record(self, state: StepState) -> None:
         verdict, who = state.verdict, state.verdict.guard or "core"

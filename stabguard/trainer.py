@@ -228,7 +228,8 @@ class GuardTrainer(transformers.Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "grad_norm" in logs:  # training log lines, not the final summary
             self._average_over_kept_steps(logs)
-            logs["stabguard/skipped_steps"] = self.guarded.skipped_steps
+            logs["stabguard/skipped_steps"] = self.guarded.skipped_steps  # rolled-back steps included
+            logs["stabguard/rollbacks"] = self.guarded.rollbacks
             self.call_after_step(self.plugins.hook.on_log, logs=logs, state=self.last_step)
             # trainer_state.json is only rewritten at checkpoints; this line lets a monitor follow live.
             self.events.record("core", "log", "", step=self.state.global_step, **logs)
@@ -260,6 +261,7 @@ class GuardTrainer(transformers.Trainer):
         folder = seams.output_dir(self) / f"checkpoint-{self.state.global_step}"
         stopped = self._stop_checkpoint  # a STOP's checkpoint holds the snapshot and its guard state
         guard_state = {"run": self.events.run, "skipped_steps": self.guarded.skipped_steps,
+                       "rollbacks": self.guarded.rollbacks,
                        "consecutive_skips": 0 if stopped else self.guarded.consecutive_skips,
                        "verified_step": stopped["verified_step"] if stopped else None,
                        "plugins": stopped["plugins"] if stopped else plugin_states(self.plugins)}
@@ -279,6 +281,7 @@ class GuardTrainer(transformers.Trainer):
                 raise GuardError(f"{path}: unreadable guard state ({exc}); delete it to resume without it") from None
             self.guarded.skipped_steps = saved.get("skipped_steps", 0)
             self.guarded.consecutive_skips = saved.get("consecutive_skips", 0)
+            self.guarded.rollbacks = saved.get("rollbacks", 0)
             load_plugin_states(self.plugins, saved.get("plugins", {}))
-            self.events.record("core", "info", f"guard state restored from {path}", resumed_from=str(resume_from_checkpoint),
-                               previous_run=saved.get("run"))
+            self.events.record("core", "info", f"guard state restored from {path}",
+                               resumed_from=str(resume_from_checkpoint), previous_run=saved.get("run"))

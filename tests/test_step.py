@@ -112,7 +112,8 @@ def test_a_hook_that_raises_ends_the_run_with_its_name_and_a_checkpoint(tmp_path
                                                                 training={"max_steps": 5}))
     result = CliRunner().invoke(command, [str(recipe)])
     assert result.exit_code == code, result.output
-    assert f"stabguard: {word} at step 3: " in result.output and "hook pre_step of plugin 'fault-0', rank 0" in result.output
+    assert f"stabguard: {word} at step 3: " in result.output
+    assert "hook pre_step of plugin 'fault-0', rank 0" in result.output
     events = read_events(tmp_path / "out" / "events.jsonl")
     (error,) = [e for e in events if e["kind"] == "error"]
     assert error["values"]["hook"] == "pre_step" and error["values"]["exception"] == type(exc).__name__
