@@ -40,8 +40,7 @@ def command(recipe, resume):
     if not result.ok:
         word = {"crash": "a plugin failed", "refused": "refused"}.get(result.error, "STOPPED")
         click.echo(f"stabguard: {word} at {result.stop_reason}", err=True)
-        click.echo(f"stabguard: last good state saved under {result.output_dir}; events in "
-                   f"{result.output_dir / 'events.jsonl'}", err=True)
+        click.echo(f"stabguard: {saved_state(result)}; events in {result.output_dir / 'events.jsonl'}", err=True)
         from stabguard.hints import hints_for
 
         for hint in hints_for(result.output_dir, result.stop_reason):
@@ -49,3 +48,15 @@ def command(recipe, resume):
         raise SystemExit({"crash": EXIT_CRASHED, "refused": EXIT_GUARD}.get(result.error, EXIT_STOPPED))
     click.echo(f"stabguard: done: {result.global_step} steps ({result.skipped_steps} skipped); "
                f"outputs in {result.output_dir}")
+
+
+def saved_state(result) -> str:
+    """What the STOP kept, from its event: the checkpoint and the step whose state it holds."""
+    events = result.trainer.events.of_kind("stop") if result.trainer is not None else []
+    values = events[-1]["values"] if events else {}
+    if not values.get("checkpoint"):
+        return "no step had run: nothing to save"
+    if values.get("verified"):
+        return (f"the last verified state (after step {values['restored_step']}) is saved as {values['checkpoint']}; "
+                f"resume with --resume {values['checkpoint']}")
+    return f"the current state (not verified: [snapshots] every = 0) is saved as {values['checkpoint']}"

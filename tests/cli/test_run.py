@@ -26,6 +26,9 @@ def test_stop_verdict_exits_3_with_reason_checkpoint_and_hints(tmp_path, tiny_as
     result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path / "r.toml", recipe))])
     assert result.exit_code == 3, result.output
     assert "STOPPED at step 2: stopper: the test plugin says stop" in result.output
+    # Step 2's loss came from the weights after step 1, which the stop rejected: the state after step 0.
+    assert "the last verified state (after step 0) is saved as " in result.output
+    assert "checkpoint-1; resume with --resume " in result.output
     assert "try:" in result.output  # hints tied to the run
     assert (tmp_path / "out" / "checkpoint-1" / "stabguard_state.json").exists()
 
