@@ -89,6 +89,15 @@ class EventLog:
             self._notify(Alert(guard=guard, message=message, step=step, values=event["values"]))
         return event
 
+    def __getstate__(self) -> dict:
+        # A data-loader worker started with "spawn" gets a copy: it opens the file again, for appending.
+        return {**self.__dict__, "_fd": None, "events": [], "echo": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.path is not None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
     def _notify(self, alert: Alert) -> None:
         try:
             self.on_alert(alert)

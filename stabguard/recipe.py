@@ -221,9 +221,6 @@ def check_training(training: Any) -> list[tuple[str, str]]:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             errors.append((f"training.{key}", f"not a TrainingArguments field{hint}"))
-    if training.get("dataloader_num_workers", 0) not in (0, None):
-        errors.append(("training.dataloader_num_workers", "must be 0: pre_collate/post_collate guards run in "
-                       "the collator, and their state and events would stay in the worker processes"))
     if "output_dir" not in training:
         errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
     # TrainingArguments keeps a wrongly typed value and the Trainer fails on it mid-run; name it here.

@@ -118,12 +118,20 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
                          trainer.skipped_steps, trainer, events.run, verdict.error if verdict else "")
     except Exception as exc:
         # The reason goes into the log beside every decision before it; checkpoints already written stay.
-        events.record("core", "error", f"{type(exc).__name__}: {exc}")
+        events.record("core", "error", f"{type(exc).__name__}: {exception_text(exc)}")
         raise
     finally:
         events.close()
         if echo is not None:
             echo.flush()
+
+
+def exception_text(exc: Exception) -> str:
+    """A data-loader worker's exception arrives with the worker's traceback in its message: keep its own."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    return text.rsplit(f"{type(exc).__name__}: ", 1)[-1].strip()
 
 
 def _unapplied_failure(trainer):

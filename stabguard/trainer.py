@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -22,17 +23,20 @@ from stabguard.step import GuardedStep, Snapshot, StepState, load_plugin_states,
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
 
 GUARD_STATE_FILE = "stabguard_state.json"
-SAMPLES_KEY, VERDICT_KEY = "stabguard_samples", "stabguard_verdict"  # ride with each collated batch
+COLLATED_KEY, VERDICT_KEY = "stabguard_collated", "stabguard_verdict"  # ride with each collated batch
 
 __all__ = ["GUARD_STATE_FILE", "GuardTrainer", "StepState"]
 
 
 class _GuardedCollator:
-    """Wraps the data collator with ``pre_collate`` and ``post_collate``.
+    """Wraps the data collator with ``pre_collate``; ``post_collate`` fires later, in the main process.
 
-    The batch carries its sample ids and the data hooks' combined verdict (a hook that raised becomes a
-    STOP naming it); the trainer takes both off before the batch reaches the model and holds the verdict
-    for the optimizer step that trains on the batch, where it is agreed across ranks like ``pre_step``'s.
+    This runs wherever the data loader collates: in the main process, or in a loader worker when
+    ``dataloader_num_workers > 0``. The batch carries a :class:`Collated` (its samples, without decoded
+    images, and its CPU tensors) and ``pre_collate``'s combined verdict (a hook that raised becomes a STOP
+    naming it). The trainer takes both off before the batch reaches the model, fires ``post_collate`` on
+    the CPU tensors in the main process, and holds the verdicts for the optimizer step that trains on the
+    batch, where they are agreed across ranks like ``pre_step``'s.
     """
 
     def __init__(self, collator, plugins, events, failed):
@@ -40,25 +44,38 @@ class _GuardedCollator:
 
     def __call__(self, samples):
         samples = list(samples)
-        verdicts = self._data_hook("pre_collate", samples=samples)
+        try:
+            verdicts = self.plugins.hook.pre_collate(samples=samples, events=self.events)
+        except HookError as exc:
+            verdicts = [self.failed(exc, None, sample_ids(samples))]
         batch = self.collator(samples)
         # The collator may drop samples (truncation policy); the guards must see the rows of the batch.
         samples = getattr(self.collator, "last_samples", samples)
-        verdicts += self._data_hook("post_collate", batch=batch, samples=samples)
-        batch[SAMPLES_KEY] = sample_ids(samples)
+        batch[COLLATED_KEY] = Collated([_without_images(s) for s in samples], dict(batch))
         batch[VERDICT_KEY] = combine(verdicts) if verdicts else None
         return batch
-
-    def _data_hook(self, name: str, **kwargs) -> list[Verdict]:
-        try:
-            return getattr(self.plugins.hook, name)(events=self.events, **kwargs)
-        except HookError as exc:
-            return [self.failed(exc, None, sample_ids(kwargs["samples"]))]
 
     def __getattr__(self, name):  # the Trainer inspects collator attributes
         if name.startswith("__") or name == "collator":  # unpickling looks these up before __init__ ran
             raise AttributeError(name)
         return getattr(self.collator, name)
+
+
+@dataclass
+class Collated:
+    """What ``post_collate`` gets in the main process: the batch's samples and its tensors on the CPU.
+
+    A plain object, so the data loader's move to the device leaves it (and the CPU tensors in it) alone;
+    from a worker it arrives through the loader's shared memory like the batch itself.
+    """
+
+    samples: list[dict]
+    cpu_batch: dict
+
+
+def _without_images(sample: dict) -> dict:
+    """Decoded images are not sent back from loader workers; their pixels are in the batch."""
+    return {k: v for k, v in sample.items() if k != "images"} | {"n_images": len(sample.get("images") or [])}
 
 
 def sample_ids(samples: list[dict]) -> list[str]:
@@ -160,7 +177,7 @@ class GuardTrainer(transformers.Trainer):
         return TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss), out.metrics)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        samples, verdict = inputs.pop(SAMPLES_KEY, []), inputs.pop(VERDICT_KEY, None)
+        samples, verdict = self._data_verdict(inputs)
         if not self.guarded.micro_losses and seams.loss_sum(self) is not None:
             self._loss_at_step_start = seams.loss_sum(self).detach().clone()
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -168,11 +185,30 @@ class GuardTrainer(transformers.Trainer):
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
-        inputs.pop(SAMPLES_KEY, None)
-        verdict = inputs.pop(VERDICT_KEY, None)
+        _, verdict = self._data_verdict(inputs)
         if verdict is not None and verdict.action == Action.STOP:  # evaluation data: the next step stops
             self.guarded.held.append(verdict)
         return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _data_verdict(self, inputs) -> tuple[list[str], Verdict | None]:
+        """``post_collate`` in the main process, on the batch's CPU tensors, before the model sees it.
+
+        Returns the batch's sample ids and the data hooks' combined verdict. Labels a guard changed on the
+        CPU (a sample skipped) are copied to the device batch; unchanged ones cost nothing.
+        """
+        verdicts = [v for v in [inputs.pop(VERDICT_KEY, None)] if v is not None]
+        collated = inputs.pop(COLLATED_KEY, None)
+        if collated is None:  # a collator of the user's own, not wrapped by stabguard
+            return [], combine(verdicts) if verdicts else None
+        ids, cpu, labels = sample_ids(collated.samples), collated.cpu_batch, collated.cpu_batch.get("labels")
+        before = labels.clone() if torch.is_tensor(labels) else None
+        try:
+            verdicts += self.plugins.hook.post_collate(batch=cpu, samples=collated.samples, events=self.events)
+        except HookError as exc:
+            verdicts.append(self.guarded.failed(exc, None, ids))
+        if before is not None and cpu["labels"] is not inputs.get("labels") and not torch.equal(before, cpu["labels"]):
+            inputs["labels"] = cpu["labels"].to(inputs["labels"].device)
+        return ids, combine(verdicts) if verdicts else None
 
     def _clip_grad_norm(self, model):
         self.last_step = self.guarded.run(self, model)

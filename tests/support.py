@@ -47,12 +47,12 @@ def toml_dumps(data: dict[str, Any]) -> str:
 
 
 def tiny_recipe(assets: dict[str, Path], output_dir: Path, *, training: dict | None = None,
-                guards: dict | None = None, **top: Any) -> dict[str, Any]:
+                guards: dict | None = None, data: dict | None = None, **top: Any) -> dict[str, Any]:
     """A recipe dict for the prebuilt tiny model and data (see the ``tiny_assets`` fixture)."""
     return {
         **top,
         "model": {"name_or_path": str(assets["model"]), "dtype": "float32", "max_pixels": 65536},
-        "data": {"train": str(assets["train"]), "max_length": 512},
+        "data": {"train": str(assets["train"]), "max_length": 512, **(data or {})},
         "training": {"output_dir": str(output_dir), "max_steps": 2, "per_device_train_batch_size": 1,
                      "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
                      "save_steps": 100, "use_cpu": True, "seed": 0, "max_grad_norm": 1.0,

@@ -104,7 +104,7 @@ def test_unimportable_recipe_plugin_is_a_recipe_error(tmp_path):
     assert "no_such_module_x" in dict(info.value.errors)["plugins"]
 
 
-def test_unknown_keys_suggest_the_close_name_and_workers_are_refused(tmp_path):
+def test_unknown_keys_suggest_the_close_name_and_workers_are_allowed(tmp_path):
     recipe = tiny_recipe({"model": "m", "train": "t.jsonl"}, tmp_path / "out",
                          training={"dataloader_num_workers": 2}, guards={"nonfinite": {"max_consecutve": 3}})
     recipe["lora"]["alhpa"] = 8
@@ -114,5 +114,5 @@ def test_unknown_keys_suggest_the_close_name_and_workers_are_refused(tmp_path):
     assert errors["guards.nonfinite.max_consecutve"].startswith("unknown key; did you mean max_consecutive?")
     assert "did you mean alpha?" in errors["lora.alhpa"]
     assert errors["data.synth.sede"] == "unknown key; did you mean seed? allowed: n, seed, size, val_fraction"
-    assert "must be 0" in errors["training.dataloader_num_workers"]
+    assert "training.dataloader_num_workers" not in errors, "the data guards act in the main process"
     assert "positive integer" in errors["max_consecutive_skips"]

@@ -26,10 +26,11 @@ def test_hook_order_of_a_two_step_run(tmp_path, tiny_assets):
     assert result.ok and result.global_step == 2
     # state_dict: the verified snapshot (every step by default) keeps the guards' state of its moment.
     step = ["post_backward", "pre_step", "state_dict", "on_step_end", "on_log"]
-    # accelerate's data loader collates one batch ahead (it must know which batch is the last).
+    # accelerate's data loader collates one batch ahead (it must know which batch is the last);
+    # post_collate fires in the main process when the batch is about to reach the model.
     assert recorder.calls == [
         "configure", "setup_model", "make_optimizer",
-        "pre_collate", "post_collate", "pre_collate", "post_collate", *step,
+        "pre_collate", "pre_collate", "post_collate", *step,
         "pre_collate", "post_collate", *step,
         "state_dict",  # the checkpoint at step 2
         "on_train_end",

@@ -24,7 +24,7 @@ def command(recipe, resume):
     from stabguard.cli.validate import report_recipe_error
     from stabguard.collate import CollateError
     from stabguard.data import DataError
-    from stabguard.runner import run
+    from stabguard.runner import exception_text, run
 
     try:
         result = run(recipe, resume=True if resume == "last" else resume)
@@ -32,7 +32,7 @@ def command(recipe, resume):
         report_recipe_error(exc)
         raise SystemExit(EXIT_RECIPE) from None
     except (GuardError, DataError, CollateError) as exc:
-        click.echo(f"stabguard: refused: {exc}", err=True)
+        click.echo(f"stabguard: refused: {exception_text(exc)}", err=True)
         raise SystemExit(EXIT_GUARD) from None
     except HookError as exc:
         click.echo(f"stabguard: a plugin failed: {exc}", err=True)
