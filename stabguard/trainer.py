@@ -125,7 +125,7 @@ class GuardTrainer(transformers.Trainer):
             # DeepSpeed applies the update inside backward (accelerate calls engine.step() there) and keeps
             # gradients out of p.grad: a veto would come after the update. Not run on any engine here yet.
             raise GuardError("GuardTrainer does not support DeepSpeed yet (its engine steps inside backward, before "
-                             "any guard could veto the update); use FSDP2 instead: training.fsdp = \"full_shard\" "
+                             "any guard could veto the update); use FSDP2 instead: training.fsdp = true "
                              "with fsdp_config = { version = 2 } (see recipes/pcb_qwen3vl_fsdp2.toml)")
         if self.is_fsdp_enabled and seams.fsdp_version(self.accelerator) != 2:
             raise GuardError("GuardTrainer supports FSDP2 only (FSDP1 flattens parameters): set "

@@ -2,7 +2,7 @@
 
 usage: torchrun --nproc-per-node 2 tests/fsdp_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR SCENARIO
 
-The run is ``stabguard.runner.run`` with ``training.fsdp = "full_shard"`` and ``fsdp_config.version = 2``:
+The run is ``stabguard.runner.run`` with ``training.fsdp = true`` and ``fsdp_config.version = 2``:
 the Trainer's own FSDP2 path (accelerate's ``fully_shard`` of the model, DTensor parameters, gradients
 and optimizer state). accelerate turns FSDP on only for accelerator device types; ``lift_cpu_gate``
 lifts that one check in this process, and nothing else is imitated.
@@ -35,7 +35,7 @@ from stabguard import engine, hookimpl
 from stabguard.runner import run
 
 SPIKE = {"window": 5, "min_history": 3, "z": 8.0}
-FSDP = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True,
+FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
                                               "state_dict_type": "SHARDED_STATE_DICT"}}
 
 
