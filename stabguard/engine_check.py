@@ -89,12 +89,14 @@ def deepspeed_findings(config: dict, training: dict) -> list[tuple[str, str]]:
     if stage == 2 and zero.get("overlap_comm"):
         out.append(("error", "ZeRO-2 with overlap_comm gives grad_norm nan, loss 0 on Qwen2-VL/2.5-VL LoRA "
                     "(DeepSpeed#5347); fix: zero_optimization.overlap_comm = false"))
-    bf16 = training.get("bf16") or config.get("bf16", {}).get("enabled") in (True, "auto")
+    bf16_config = config.get("bf16", {})
+    bf16 = training.get("bf16") or bf16_config.get("enabled") in (True, "auto")
     if bf16 and stage == 3:
-        out.append(("warn", "ZeRO-3 checks gradient overflow only in fp16: in bf16 NaN/Inf gradients are applied"))
-    elif bf16 and stage in (1, 2) and not config.get("check_grad_overflow"):
-        out.append(("warn", f"ZeRO-{stage} in bf16 checks gradient overflow only with check_grad_overflow = true "
-                    "(its default changed in DeepSpeed 0.19.3); fix: set it"))
+        out.append(("warn", "ZeRO-3 checks gradient overflow only in fp16 (deepspeed/runtime/zero/stage3.py): "
+                    "in bf16 a NaN/Inf gradient may be applied"))
+    elif bf16 and stage in (1, 2) and bf16_config.get("check_grad_overflow") is False:
+        out.append(("warn", f"ZeRO-{stage} in bf16 with bf16.check_grad_overflow = false applies NaN/Inf gradients; "
+                    "fix: remove it (true is the default since DeepSpeed 0.19.3)"))
     return out
 
 

@@ -36,7 +36,8 @@ def test_fsdp2_qlora_pitfalls_each_with_its_fix():
 
 def test_deepspeed_overlap_comm_and_bf16_overflow(tmp_path):
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
+                                  "bf16": {"enabled": True, "check_grad_overflow": False}}))
     found = messages(findings({"deepspeed": str(config)}, QuantizationSection(), {}, None))
     assert "fsdp = true" in found[0], "DeepSpeed itself is refused, pointing to FSDP2"
     assert any("overlap_comm = false" in m for m in found)
