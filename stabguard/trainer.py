@@ -123,7 +123,7 @@ class GuardTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
             # DeepSpeed applies the update inside backward (accelerate calls engine.step() there) and keeps
-            # gradients out of p.grad: a veto would come after the update. Not run on any engine here yet.
+            # gradients out of p.grad: a veto here would come after the update (docs/design-notes.md).
             raise GuardError("GuardTrainer does not support DeepSpeed yet (its engine steps inside backward, before "
                              "any guard could veto the update); use FSDP2 instead: training.fsdp = true "
                              "with fsdp_config = { version = 2 } (see recipes/pcb_qwen3vl_fsdp2.toml)")
