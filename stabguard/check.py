@@ -298,11 +298,13 @@ def check_masks(recipe, processor, plugins, report: Report, events: EventLog, si
 
 # -- memory ----------------------------------------------------------------------------------------
 
-def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Report) -> None:
-    report.memory = memory = estimate_memory(recipe, config, weights, trainable, gpu_mem)
+def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Report, world_size: int = 1) -> None:
+    report.memory = memory = estimate_memory(recipe, config, weights, trainable, gpu_mem, world_size)
     details = [f"{x['what']}: {x['arithmetic']} = {x['gib']:.2f} GiB" for x in memory["lines"]]
     total = memory["total_gib"]
-    summary = f"about {total:.1f} GiB per GPU (batch {memory['batch']} x {memory['seq']} tokens) against --gpu-mem {gpu_mem:g} GiB"
+    ranks = f", FSDP2 over {world_size} ranks" if memory["sharded"] else ""
+    summary = (f"about {total:.1f} GiB per GPU (batch {memory['batch']} x {memory['seq']} tokens{ranks}) against "
+               f"--gpu-mem {gpu_mem:g} GiB")
     if total > gpu_mem:
         fixes = "" if memory["checkpointing"] else "activation_checkpointing = true, "
         fixes += "" if recipe.quantization.load_in_4bit else "quantization.load_in_4bit = true, "
@@ -341,10 +343,33 @@ def check_learning_rate(recipe, total: int | None, report: Report) -> None:
         report.add("warm-up", "info", "no warm-up: recipes/pcb_qwen3vl.toml warms up over 10% (warmup_steps = 0.1)")
 
 
+# -- the engine ------------------------------------------------------------------------------------
+
+def check_engine(training: dict, quantization, guards: dict, data_train: str | None, report: Report) -> None:
+    from stabguard.engine_check import engine_of, findings
+
+    found = findings(training, quantization, guards, data_train)
+    for level, message in found:
+        report.add("engine", level, message)
+    if not found:
+        report.add("engine", "ok", f"{engine_of(training)}: no known engine pitfall in this recipe")
+
+
+def _refused_engine(recipe_path, report: Report) -> None:
+    """An invalid recipe that asks for DeepSpeed still learns what its DeepSpeed config would run into."""
+    from stabguard.engine_check import deepspeed_config, deepspeed_findings
+    from stabguard.recipe import read_toml
+
+    training = read_toml(recipe_path).get("training") or {}
+    if isinstance(training, dict) and training.get("deepspeed"):
+        for level, message in deepspeed_findings(deepspeed_config(training["deepspeed"]), training)[1:]:
+            report.add("engine", level, message)
+
+
 # -- the whole preflight ---------------------------------------------------------------------------
 
 def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64, images: int = 32,
-              batch: int = 4, plugins=None, progress: ProgressFn | None = None) -> Report:
+              batch: int = 4, plugins=None, progress: ProgressFn | None = None, world_size: int = 1) -> Report:
     """Every check of a recipe; read the result from ``report.findings`` (errors make ``stabguard check`` fail).
     ``progress(what, done, total)`` follows the reading of the data files, the long part on a large set."""
     from stabguard.runner import prepare
@@ -355,16 +380,18 @@ def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64,
     except RecipeError as exc:
         report.recipe_invalid = True
         report.add("recipe", "error", f"{len(exc.errors)} error(s)", [f"{k}: {m}" for k, m in exc.errors])
+        _refused_engine(recipe_path, report)
         return report
     enabled = plugins.enable_guards(recipe.guards)
     report.add("recipe", "ok", f"valid; guards: {', '.join(enabled) or 'none'}")
     events = EventLog()
     call_each(plugins, "configure", "guards", report, events, recipe=recipe)
     report_events(events, 0, "guards", report)
+    check_engine(recipe.training, recipe.quantization, recipe.guards, recipe.data.train, report)
     _ensure_assets(recipe)
     local = check_model_files(recipe, report)
     data_ok = check_data(recipe, report, rows, images, progress)
-    _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress)
+    _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress, world_size)
     return report
 
 
@@ -380,7 +407,7 @@ def _ensure_assets(recipe) -> None:
         ensure_data(recipe)
 
 
-def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress) -> None:
+def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress, world_size=1) -> None:
     config = model_config(recipe, local)
     if config is None:
         report.add("model", "warn", f"{recipe.model.name_or_path}: no local config and not a known Qwen3-VL size: "
@@ -405,7 +432,7 @@ def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batc
         report.add("masks", "info", "not audited: the data has errors (see data)")
     else:
         check_masks(recipe, processor, plugins, report, events, batch, progress)
-    check_memory(recipe, config, weights, trainable_counts(model), gpu_mem, report)
+    check_memory(recipe, config, weights, trainable_counts(model), gpu_mem, report, world_size)
     check_learning_rate(recipe, sum(weights.values()), report)
 
 

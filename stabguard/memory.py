@@ -130,21 +130,39 @@ def activation_lines(out: Arithmetic, text, b: int, seq: int, a: int, checkpoint
     out.add("logits and loss (fp32 upcast)", f"{b} x {seq} x {vocab} x ({a} + 4 + 4) B", b * seq * vocab * (a + 8))
 
 
-def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str, int], gpu_mem: float) -> dict:
-    """GPU memory of one rank: weights, trainable state, activations, logits, CUDA context; arithmetic shown."""
+def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str, int], gpu_mem: float,
+                    world_size: int = 1) -> dict:
+    """GPU memory of one rank: weights, trainable state, activations, logits, CUDA context; arithmetic shown.
+    Under FSDP2 (``training.fsdp``) weights, gradients and optimizer state are split over ``world_size``
+    ranks, plus the one layer being gathered (and the next, prefetched)."""
     t, q, wd = training_args_view(recipe), recipe.quantization, weight_dtype(recipe, config)
     a = 2 if (t.bf16 or t.fp16 or DTYPE_BYTES[wd] == 2 or (q.load_in_4bit and q.compute_dtype != "float32")) else 4
     b, seq = t.per_device_train_batch_size, recipe.data.max_length or 2048
-    checkpointing = bool(t.gradient_checkpointing or getattr(t, "activation_checkpointing", False))
+    fsdp_own = str((getattr(t, "fsdp_config", None) or {}).get("activation_checkpointing", "false")).lower() == "true"
+    checkpointing = bool(t.gradient_checkpointing or getattr(t, "activation_checkpointing", False) or fsdp_own)
     out = Arithmetic()
     weight_lines(out, q, weights, wd)
     trainable_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"))
     snapshot_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"), recipe.snapshots)
+    sharded = bool(recipe.training.get("fsdp")) and world_size > 1
+    if sharded:  # the snapshot too: each rank copies its own shards
+        shard_lines(out, world_size, getattr(config, "text_config", config), weights, DTYPE_BYTES[wd])
     activation_lines(out, getattr(config, "text_config", config), b, seq, a, checkpointing)
     out.add("CUDA context and workspace", "a fixed allowance", GiB)
     total = round(sum(x["gib"] for x in out), 2)
     return {"lines": list(out), "total_gib": total, "gpu_mem_gib": gpu_mem, "batch": b, "seq": seq,
-            "checkpointing": checkpointing}
+            "checkpointing": checkpointing, "world_size": world_size, "sharded": sharded}
+
+
+def shard_lines(out: Arithmetic, world_size: int, text, weights: dict[str, int], wb: int) -> None:
+    """FSDP2: every weight and trainable-state line so far is split over the ranks; two decoder layers
+    (the one computing, the next prefetched) are gathered whole."""
+    for line in out:
+        line["what"] += f", 1/{world_size} per rank (FSDP2)"
+        line["arithmetic"] = f"({line['arithmetic']}) / {world_size}"
+        line["gib"] = round(line["gib"] / world_size, 3)
+    per_layer = sum(weights.values()) / max(1, text.num_hidden_layers)
+    out.add("FSDP2: two layers gathered (computing + prefetched)", f"2 x {per_layer:,.0f} x {wb} B", 2 * per_layer * wb)
 
 
 def _enabled(recipe, guard: str) -> bool:

@@ -7,6 +7,7 @@ through ``register_guards``, so a recipe is fully checked before any model is lo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import tomllib
@@ -74,6 +75,9 @@ class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # How the 4-bit values are packed. FSDP needs a float storage equal to the model's dtype (uint8
+    # storage trains with loss 0 / grad_norm nan under FSDP2, accelerate#3983).
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     skip_modules: list[str] = Field(default_factory=lambda: ["model.visual", "lm_head"])
 
 
@@ -221,6 +225,7 @@ def check_training(training: Any) -> list[tuple[str, str]]:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             errors.append((f"training.{key}", f"not a TrainingArguments field{hint}"))
+    errors += check_engine(training)
     if "output_dir" not in training:
         errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
     # TrainingArguments keeps a wrongly typed value and the Trainer fails on it mid-run; name it here.
@@ -231,9 +236,24 @@ def check_training(training: Any) -> list[tuple[str, str]]:
     # use_cpu is set, which would fail a GPU recipe validated on a laptop. The run itself still checks.
     device_free = {"use_cpu": True} if training.get("bf16") or training.get("bf16_full_eval") else {}
     try:
-        TrainingArguments(**{**TRAINING_DEFAULTS, **training, **device_free})
+        # A deep copy: TrainingArguments fills in dict values (fsdp_config) in place.
+        TrainingArguments(**copy.deepcopy({**TRAINING_DEFAULTS, **training, **device_free}))
     except (ValueError, TypeError) as exc:
         errors.append(("training", str(exc).strip().splitlines()[0]))
+    return errors
+
+
+def check_engine(training: dict[str, Any]) -> list[tuple[str, str]]:
+    """The engines GuardTrainer runs: single device, DDP and FSDP2 (``fsdp`` + ``fsdp_config.version = 2``)."""
+    errors = []
+    if training.get("deepspeed"):
+        errors.append(("training.deepspeed", "DeepSpeed is not supported by stabguard run yet (its engine applies "
+                       "the update inside backward, before a guard could veto it); use FSDP2: fsdp = true, "
+                       "fsdp_config = { version = 2 } (recipes/pcb_qwen3vl_fsdp2.toml)"))
+    config = training.get("fsdp_config") or {}
+    if training.get("fsdp") and isinstance(config, dict) and int(config.get("version", 2)) != 2:
+        errors.append(("training.fsdp_config.version", "FSDP1 is not supported (it flattens parameters); "
+                       "write version = 2 (FSDP2)"))
     return errors
 
 

@@ -24,6 +24,8 @@ SEAMS = [
     ("accelerate.optimizer.AcceleratedOptimizer", "_is_overflow", "set for a dropped step: the Trainer then "
                                                                   "holds the LR scheduler"),
     ("accelerate.optimizer.AcceleratedOptimizer", "scaler", "fp16 AMP's GradScaler; a skipped step closes it"),
+    ("accelerate.utils.FullyShardedDataParallelPlugin", "fsdp_version", "FSDP1 (flat parameters) is refused; "
+                                                                        "FSDP2 gradients are DTensors"),
 ]
 
 
@@ -39,6 +41,12 @@ def output_dir(trainer) -> Path:
 def grad_scaler(optimizer):
     """fp16 AMP's GradScaler of an accelerate-wrapped optimizer, or None."""
     return getattr(optimizer, "scaler", None)
+
+
+def fsdp_version(accelerator) -> int | None:
+    """1 or 2 when the accelerator runs FSDP, else None."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return None if plugin is None else getattr(plugin, "fsdp_version", 1)
 
 
 def mark_step_skipped(optimizer, skipped: bool) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from stabguard import seams
+from stabguard import engine, seams
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
 
 
@@ -108,9 +108,10 @@ class GuardedStep:
         hook = self.plugins.hook
 
         # Measure: one fused pass over the (fp16: unscaled) gradients; every guard reads this norm.
+        # FSDP2: the local shards' norms meet in one collective, the same value on every rank.
         trainer.accelerator.unscale_gradients()
         params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = global_grad_norm(params)
+        grad_norm = engine.grad_norm(params)
         loss = torch.stack(self.micro_losses).sum() if self.micro_losses else torch.zeros((), device=grad_norm.device)
         state = StepState(step=trainer.state.global_step + 1, grad_norm=grad_norm, loss=loss, model=model,
                           optimizer=trainer.optimizer, samples=self.samples,
@@ -136,7 +137,7 @@ class GuardedStep:
         if action == Action.PROCEED:
             self._snapshot_if_due(state)
             if state.max_norm is not None and params:
-                clip_with_norm(params, state.max_norm, grad_norm)
+                engine.clip_with_norm(params, state.max_norm, grad_norm)
             self.since_snapshot[state.step] = state.samples
             seams.mark_step_skipped(trainer.optimizer, False)
         else:
@@ -229,18 +230,19 @@ class GuardedStep:
 
 class Snapshot:
     """Copies of the trainable parameters and their optimizer state as they were after ``step``, and the
-    guards' state of that moment (written into the checkpoint if the run stops)."""
+    guards' state of that moment (written into the checkpoint if the run stops). Under FSDP2 each rank
+    keeps and restores its own shards: every rank restores at the same agreed verdict."""
 
     def __init__(self, step: int, params: list[torch.Tensor], optimizer, offload: bool, guard_state=None):
         self.step, self.guard_state = step, guard_state or {}
-        self.params = [(p, _keep(p, offload)[0]) for p in params]
+        self.params = [(p, engine.Kept(p, offload)) for p in params]
         self.optim = {p: {k: _keep(v, offload) for k, v in optimizer.state[p].items()}
                       for p in params if p in optimizer.state}
 
     @torch.no_grad()
     def restore(self, optimizer) -> None:
         for p, saved in self.params:
-            p.copy_(saved)
+            saved.into(p)
             if p in self.optim:
                 optimizer.state[p] = _put_back(optimizer.state.get(p, {}), self.optim[p])
             else:  # no state yet at snapshot time: the optimizer starts it afresh, as it did then
@@ -248,41 +250,14 @@ class Snapshot:
 
 
 def _keep(value, offload: bool):
-    if not torch.is_tensor(value):
-        return copy.deepcopy(value), None
-    return value.detach().to("cpu" if offload else value.device, copy=True), value.device
+    return engine.Kept(value, offload) if torch.is_tensor(value) else copy.deepcopy(value)
 
 
 def _put_back(live: dict, saved: dict) -> dict:
     """Saved optimizer state, copied into the live tensors where they still fit (paged or quantized
     state keeps its storage), as fresh copies where not."""
-    out = {}
-    for key, (value, device) in saved.items():
-        old = live.get(key)
-        if torch.is_tensor(old) and old.shape == value.shape and old.dtype == value.dtype:
-            out[key] = old.copy_(value)
-        else:
-            out[key] = value.to(device, copy=True) if device is not None else copy.deepcopy(value)
-    return out
-
-
-def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients in one fused pass (no host sync; NaN/Inf propagate)."""
-    grads = [p.grad for p in params]
-    if not grads:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
-
-
-def clip_with_norm(params: list[torch.Tensor], max_norm: float | torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """Scale the gradients to at most ``max_norm`` using the step's norm (no second pass).
-
-    torch's ``clip_grads_with_norm_`` calls ``float(max_norm)``, a host sync for a device tensor; clipping
-    to 1 with ``grad_norm / max_norm`` gives the same coefficient (up to torch's 1e-6 guard) on the device.
-    """
-    if torch.is_tensor(max_norm):
-        max_norm, grad_norm = 1.0, grad_norm / max_norm.to(grad_norm.device)
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
+    return {key: value.into(live.get(key)) if isinstance(value, engine.Kept) else copy.deepcopy(value)
+            for key, value in saved.items()}
 
 
 def agree_across_ranks(verdict: Verdict) -> Verdict:

@@ -138,11 +138,15 @@ class GuardTrainer(transformers.Trainer):
         if kwargs.get("data_collator") is not None:
             kwargs["data_collator"] = _GuardedCollator(kwargs["data_collator"], plugins, events, self.guarded.failed)
         super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # DeepSpeed steps inside backward and keeps gradients out of p.grad; FSDP shards them: the
-            # guards would see no gradients or a local norm, and a SKIP could not stop the update.
-            raise GuardError("GuardTrainer supports single-device and DDP training; DeepSpeed and FSDP are not "
-                             "supported yet (see docs/design-notes.md)")
+        if self.is_deepspeed_enabled:
+            # DeepSpeed applies the update inside backward (accelerate calls engine.step() there) and keeps
+            # gradients out of p.grad: a veto here would come after the update (docs/design-notes.md).
+            raise GuardError("GuardTrainer does not support DeepSpeed yet (its engine steps inside backward, before "
+                             "any guard could veto the update); use FSDP2 instead: training.fsdp = true "
+                             "with fsdp_config = { version = 2 } (see recipes/pcb_qwen3vl_fsdp2.toml)")
+        if self.is_fsdp_enabled and seams.fsdp_version(self.accelerator) != 2:
+            raise GuardError("GuardTrainer supports FSDP2 only (FSDP1 flattens parameters): set "
+                             "fsdp_config = { version = 2 }")
         # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
         self.args.logging_nan_inf_filter = False
         self.add_callback(_HookCallback(self))

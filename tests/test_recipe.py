@@ -116,3 +116,15 @@ def test_unknown_keys_suggest_the_close_name_and_workers_are_allowed(tmp_path):
     assert errors["data.synth.sede"] == "unknown key; did you mean seed? allowed: n, seed, size, val_fraction"
     assert "training.dataloader_num_workers" not in errors, "the data guards act in the main process"
     assert "positive integer" in errors["max_consecutive_skips"]
+
+
+def test_fsdp2_passes_through_and_the_unsupported_engines_are_refused_with_the_fix(tmp_path):
+    fsdp2 = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
+                                                                        tmp_path / "out", training=fsdp2)))
+    assert recipe.training_arguments()["fsdp_config"] == {"version": 2, "reshard_after_forward": True}
+    bad = {"deepspeed": "ds_zero2.json", "fsdp": True, "fsdp_config": {"version": 1}}
+    errors = errors_of(write_recipe(tmp_path / "bad.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
+                                                                       tmp_path / "out", training=bad)))
+    assert "use FSDP2" in errors["training.deepspeed"]
+    assert "version = 2" in errors["training.fsdp_config.version"]

@@ -1,4 +1,4 @@
-"""``stabguard check RECIPE [--gpu-mem 80] [--json]``: every preflight, no training.
+"""``stabguard check RECIPE [--gpu-mem 80] [--world-size 8] [--json]``: every preflight, no training.
 
 Exit codes: 0 when nothing is wrong (warnings allowed), 1 on any error, 2 when the recipe itself is
 invalid (as ``stabguard validate``).
@@ -30,18 +30,21 @@ def render(report) -> str:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--gpu-mem", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True,
               help="GiB of memory per GPU the run will have (80 for an H100/A100 80GB)")
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="ranks the run will have (FSDP2 shards weights and optimizer state over them)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (for scripts)")
 @click.option("--rows", type=click.IntRange(min=1), default=64, show_default=True, help="data rows checked per file")
 @click.option("--images", type=click.IntRange(min=0), default=32, show_default=True, help="images decoded per file")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
               help="conversations collated for the label-mask audit")
-def command(recipe, gpu_mem, as_json, rows, images, batch):
+def command(recipe, gpu_mem, world_size, as_json, rows, images, batch):
     """Check a recipe before spending GPU hours: model files, data, label masks, parameters, memory, LR."""
     from stabguard.check import preflight
     from stabguard.progress import command_progress
 
     with command_progress("the check did not finish") as progress:
-        report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch, progress=progress)
+        report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch, progress=progress,
+                           world_size=world_size)
     click.echo(json.dumps(report.as_json(), indent=1) if as_json else render(report))
     if report.recipe_invalid:
         raise SystemExit(EXIT_RECIPE)

@@ -1,0 +1,106 @@
+"""What the guarded step needs to know about the training engine: plain tensors or FSDP2's DTensors.
+
+Single device and DDP keep every gradient as a whole tensor on every rank: one fused
+``get_total_norm`` pass gives the global norm. FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps
+each parameter and gradient as a DTensor whose local shard is this rank's slice; the norm of the
+local shards is partial, so the shards' norms are reduced in one collective per device mesh (one in
+practice) and every rank gets the same value. Clipping and snapshots then act on the local shards
+in place: no gather, no communication. DeepSpeed is refused (see ``stabguard.trainer``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def is_sharded(t: torch.Tensor | None) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (a view: in-place ops reach it), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params``, the same on every rank (no host sync; NaN/Inf propagate).
+
+    Plain gradients: one fused pass. DTensor gradients: one pass per device mesh, whose partial result
+    ``full_tensor()`` reduces across the mesh (one all-reduce); the groups' norms are combined locally.
+    """
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    if not any(is_sharded(g) for g in grads):
+        return _total_norm(grads)
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if is_sharded(g) else None, []).append(g)
+    norms = [_total_norm(group) for group in groups.values()]
+    norms = [n.full_tensor() if is_sharded(n) else n for n in norms]
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+
+
+def clip_with_norm(params: list[torch.Tensor], max_norm: float | torch.Tensor, norm: torch.Tensor) -> None:
+    """Scale the gradients to at most ``max_norm`` using the step's global ``norm`` (no second pass).
+
+    torch's ``clip_grads_with_norm_`` calls ``float(max_norm)``, a host sync for a device tensor; clipping
+    to 1 with ``norm / max_norm`` gives the same coefficient (up to torch's 1e-6 guard) on the device.
+    Sharded gradients get that coefficient on their local shards, in place.
+    """
+    if torch.is_tensor(max_norm):
+        max_norm, norm = 1.0, norm / max_norm.to(norm.device)
+    if not any(is_sharded(p.grad) for p in params):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    for same in _by_device(grads).values():
+        torch._foreach_mul_(same, coef.to(same[0].device, same[0].dtype))
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict:
+    out: dict = {}
+    for t in tensors:
+        out.setdefault((t.device, t.dtype), []).append(t)
+    return out
+
+
+class Kept:
+    """A copy of one tensor's local part (to the CPU with ``offload``), put back in place by ``into``.
+
+    A DTensor keeps its layout, so a state the optimizer dropped since can be rebuilt as a DTensor.
+    """
+
+    __slots__ = ("data", "device", "layout")
+
+    def __init__(self, value: torch.Tensor, offload: bool):
+        part = local(value).detach()
+        self.data = part.to("cpu" if offload else part.device, copy=True)
+        self.device = part.device
+        self.layout = (value.device_mesh, value.placements, value.shape, value.stride()) if is_sharded(value) else None
+
+    @torch.no_grad()
+    def into(self, live: torch.Tensor | None) -> torch.Tensor:
+        """Copy into ``live`` when it still fits (its storage stays: paged, quantized, sharded); else a new tensor."""
+        if torch.is_tensor(live) and is_sharded(live) == (self.layout is not None):
+            part = local(live)
+            if part.shape == self.data.shape and part.dtype == self.data.dtype:
+                part.copy_(self.data)
+                return live
+        fresh = self.data.to(self.device, copy=True)
+        if self.layout is None:
+            return fresh
+        mesh, placements, shape, stride = self.layout
+        return DTensor.from_local(fresh, mesh, placements, run_check=False, shape=shape, stride=stride)

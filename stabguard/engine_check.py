@@ -1,0 +1,116 @@
+"""Preflight of the training engine: the known failures of FSDP2 and DeepSpeed with Qwen-VL, each with its fix.
+
+Each check reads only the recipe (and the DeepSpeed JSON or the data file it names); nothing is launched.
+``findings`` returns ``(level, message)`` pairs; ``stabguard check`` shows them under "engine".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MIXED_FIX = ("keep each step's modality the same on every rank (batches of only image or only text-only "
+             "samples, in the same order on every rank), or give text-only samples a small placeholder image")
+
+
+def engine_of(training: dict[str, Any]) -> str:
+    if training.get("deepspeed"):
+        return "deepspeed"
+    if training.get("fsdp"):
+        return "fsdp2"
+    return "single/ddp"
+
+
+def findings(recipe_training: dict[str, Any], quantization, guards: dict, data_train: str | None,
+             rows: int = 2000) -> list[tuple[str, str]]:
+    engine = engine_of(recipe_training)
+    out: list[tuple[str, str]] = []
+    if engine == "fsdp2":
+        out += fsdp_findings(recipe_training, quantization, guards)
+    if engine == "deepspeed":
+        out += deepspeed_findings(deepspeed_config(recipe_training["deepspeed"]), recipe_training)
+    if engine != "single/ddp" and _sharded_modules(engine, recipe_training) and data_train:
+        images, text_only = modality_mix(data_train, rows)
+        if images and text_only:
+            out.append(("error", f"{data_train}: {images} samples with images and {text_only} text-only in the first "
+                        f"{rows} rows: under {engine} a rank with a text-only batch skips the vision tower, whose "
+                        f"sharded weights the other ranks gather, and training hangs (QwenLM/Qwen3-VL#126, "
+                        f"ms-swift#3213); fix: {MIXED_FIX}"))
+    return out
+
+
+def _sharded_modules(engine: str, training: dict) -> bool:
+    """Whether the ranks' module calls must match: ZeRO-3 and FSDP gather weights per module."""
+    if engine == "fsdp2":
+        return True
+    return int(deepspeed_config(training["deepspeed"]).get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def fsdp_findings(training: dict, quantization, guards: dict) -> list[tuple[str, str]]:
+    config = training.get("fsdp_config") or {}
+    out = []
+    if quantization.load_in_4bit and quantization.quant_storage == "uint8":
+        out.append(("error", "FSDP2 with 4-bit weights in uint8 storage trains with loss 0 / grad_norm nan "
+                    "(accelerate#3983); fix: quantization.quant_storage = \"bfloat16\" (the model's dtype)"))
+    if quantization.load_in_4bit and str(config.get("cpu_ram_efficient_loading", "false")).lower() != "true":
+        out.append(("warn", "QLoRA under FSDP loads the full model on every rank; fix: "
+                    "fsdp_config.cpu_ram_efficient_loading = true"))
+    optim8 = guards.get("optim8bit")
+    paged = "paged" in str(training.get("optim", "")) or bool(optim8 and optim8.enabled and optim8.paged)
+    if paged:
+        out.append(("error", "a paged 8-bit optimizer fails to checkpoint under FSDP + QLoRA (peft docs); fix: "
+                    "guards.optim8bit.paged = false, or training.optim = \"adamw_torch\""))
+    elif optim8 is not None and optim8.enabled:
+        out.append(("warn", "guards.optim8bit under FSDP2: bitsandbytes' 8-bit state over sharded DTensor "
+                    "parameters has not been run by stabguard; fix: [guards.optim8bit] enabled = false (torch AdamW)"))
+    if str(config.get("activation_checkpointing", "false")).lower() == "true" and (
+            training.get("activation_checkpointing") or training.get("gradient_checkpointing")):
+        out.append(("error", "fsdp_config.activation_checkpointing and training.activation_checkpointing are both "
+                    "on (the Trainer refuses); fix: keep FSDP's own, set activation_checkpointing = false"))
+    return out
+
+
+def deepspeed_config(value: Any) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        return json.loads(Path(value).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def deepspeed_findings(config: dict, training: dict) -> list[tuple[str, str]]:
+    """Why DeepSpeed is refused, and the failures its configs run into with Qwen-VL."""
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    out = [("error", "DeepSpeed: stabguard cannot veto its update yet (accelerate runs engine.step() inside "
+            "backward); fix: FSDP2, training.fsdp = true with fsdp_config = { version = 2 }")]
+    if stage == 2 and zero.get("overlap_comm"):
+        out.append(("error", "ZeRO-2 with overlap_comm gives grad_norm nan, loss 0 on Qwen2-VL/2.5-VL LoRA "
+                    "(DeepSpeed#5347); fix: zero_optimization.overlap_comm = false"))
+    bf16_config = config.get("bf16", {})
+    bf16 = training.get("bf16") or bf16_config.get("enabled") in (True, "auto")
+    if bf16 and stage == 3:
+        out.append(("warn", "ZeRO-3 checks gradient overflow only in fp16 (deepspeed/runtime/zero/stage3.py): "
+                    "in bf16 a NaN/Inf gradient may be applied"))
+    elif bf16 and stage in (1, 2) and bf16_config.get("check_grad_overflow") is False:
+        out.append(("warn", f"ZeRO-{stage} in bf16 with bf16.check_grad_overflow = false applies NaN/Inf gradients; "
+                    "fix: remove it (true is the default since DeepSpeed 0.19.3)"))
+    return out
+
+
+def modality_mix(path: str | Path, rows: int) -> tuple[int, int]:
+    """(samples with an image, text-only samples) in the first ``rows`` rows of a conversation JSONL."""
+    images = text_only = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= rows:
+                    break
+                if line.strip():
+                    has = '"image"' in line or '"video"' in line
+                    images, text_only = images + has, text_only + (not has)
+    except OSError:
+        pass
+    return images, text_only
