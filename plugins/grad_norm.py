@@ -106,10 +106,12 @@ class GradNormGuard:
         z = (norm - stats.mean) / stats.std() if opts.alert_z and stats.ready and stats.var > 0 else 0.0
         if opts.alert_above and norm > opts.alert_above:
             events.alert(NAME, f"grad norm {norm:.3g} above {opts.alert_above:g} at step {step}",
-                         step=step, grad_norm=norm, threshold=opts.alert_above)
+                         step=step, grad_norm=norm, threshold=opts.alert_above,
+                         cause="grad norm above threshold")
         elif opts.alert_z and z > opts.alert_z:
             events.alert(NAME, f"grad norm {norm:.3g} is {z:.1f} sigma above its running mean "
-                         f"{stats.mean:.3g} at step {step}", step=step, grad_norm=norm, z=z)
+                         f"{stats.mean:.3g} at step {step}", step=step, grad_norm=norm, z=z,
+                         threshold=opts.alert_z, cause="grad norm z-score spike")
         # A spike must not widen the statistics it is judged against (ZClip does the same): add it capped,
         # in on_step_end, and only if the step trains (a skipped step's norm is not the run's).
         spike = opts.alert_z and z > opts.alert_z

@@ -51,8 +51,10 @@ class NonFiniteGuard:
                           step=state.step, grad_norm=values["grad_norm"])
             return Verdict.skip("fp16 gradient overflow (loss scaler)", NAME)
         detail = f"non-finite {cause} (loss={values['loss']}, grad_norm={values['grad_norm']})"
-        events.record(NAME, "finding", f"step {state.step}: {detail}", step=state.step, cause=cause,
-                      loss=values["loss"], grad_norm=values["grad_norm"], consecutive=self.consecutive + 1)
+        # cause: what a person reads after "because"; nonfinite: which values (hints and reports read these)
+        events.record(NAME, "finding", f"step {state.step}: {detail}", step=state.step, cause=f"non-finite {cause}",
+                      nonfinite=cause, loss=values["loss"], grad_norm=values["grad_norm"],
+                      consecutive=self.consecutive + 1, limit=self.options.max_consecutive)
         if self.consecutive + 1 >= self.options.max_consecutive:
             return Verdict.stop(f"{self.consecutive + 1} consecutive non-finite steps; last: {detail}", NAME)
         return Verdict.skip(detail, NAME)

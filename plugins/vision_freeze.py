@@ -210,6 +210,24 @@ class VisionFreezeGuard:
         print(f"stabguard: parameters per component\n{format_table(table)}", file=sys.stderr, flush=True)
 
     @hookimpl
+    def preflight(self, model, optimizer, report):
+        """``stabguard check``: the parameter table per component, and no vision parameter in the optimizer."""
+        layout = find_layout(model)
+        table = parameter_table(model, layout)
+        row = table["all"]
+        report("info", f"{row['trainable']:,} of {row['total']:,} parameters trainable ({row['lora']:,} LoRA)",
+               check="parameters", details=format_table(table).splitlines(), table=table, tower=layout.tower)
+        if optimizer is None:
+            return
+        leaks = optimizer_leaks(optimizer, guarded_params(model, layout, self.options.train_projector))
+        if leaks:
+            report("error", f"{type(optimizer).__name__} holds {len(leaks)} vision-tower parameters "
+                   f"(e.g. {leaks[0]}): pass only trainable parameters", check="optimizer", details=leaks[:5],
+                   leaks=len(leaks))
+        else:
+            report("ok", f"{type(optimizer).__name__}: no vision-tower parameter in its groups", check="optimizer")
+
+    @hookimpl
     def pre_step(self, state):
         """Before the first update: no parameter of the frozen region may sit in the optimizer."""
         if self.optimizer_checked or state.optimizer is None:

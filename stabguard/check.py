@@ -4,7 +4,8 @@ The usual causes of an exploding Qwen3-VL LoRA run (incomplete model files, a wr
 model class, too high a learning rate, no clipping) cost GPU hours when found by a run. Here they cost seconds:
 the recipe is validated, the model's files and the data are checked on disk, the model is built as a
 skeleton on the ``meta`` device (exact parameter counts, no memory, any size) and wrapped with LoRA,
-the guards' ``configure``/``setup_model`` hooks run on it as in a real run, a sample batch is collated
+the guards' ``configure``/``setup_model`` hooks run on it as in a real run, then their ``preflight``
+hooks report what each guard finds (the parameter table, the optimizer audit), a sample batch is collated
 and audited by the guards' ``post_collate`` hooks (the mask guard), and the memory the run needs is
 estimated from the configuration with the arithmetic shown. For a hub id that is not a local folder
 nothing is downloaded: the known Qwen3-VL sizes in ``stabguard.memory`` stand in for its config.
@@ -35,6 +36,8 @@ class Finding:
     level: str  # ok | info | warn | error
     message: str
     details: list[str] = field(default_factory=list)
+    guard: str = ""  # the guard that reported it through the preflight hook; "" for the core's own checks
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,8 +48,9 @@ class Report:
     memory: dict | None = None
     recipe_invalid: bool = False
 
-    def add(self, check: str, level: str, message: str, details: list[str] | None = None) -> Finding:
-        self.findings.append(Finding(check, level, message, list(details or [])))
+    def add(self, check: str, level: str, message: str, details: list[str] | None = None, *, guard: str = "",
+            values: dict[str, Any] | None = None) -> Finding:
+        self.findings.append(Finding(check, level, message, list(details or []), guard, dict(values or {})))
         return self.findings[-1]
 
     @property
@@ -222,10 +226,8 @@ def report_events(events: EventLog, start: int, check: str, report: Report, *, i
             report.add(check, level, message if message.startswith(f"{event['guard']}:") else f"{event['guard']}: {message}")
 
 
-def check_optimizer(recipe, model, plugins, report: Report, events: EventLog) -> None:
-    """Build the optimizer the run would (make_optimizer) and audit its groups for vision parameters."""
-    from stabguard.plugins.vision_freeze import find_layout, guarded_params, optimizer_leaks
-
+def check_optimizer(recipe, model, plugins, report: Report, events: EventLog):
+    """Build the optimizer the run would (``make_optimizer``); the guards audit it in their preflight."""
     args = training_args_view(recipe)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}]
     start = len(events.events)
@@ -234,28 +236,35 @@ def check_optimizer(recipe, model, plugins, report: Report, events: EventLog) ->
     report_events(events, start, "optimizer", report)
     if optimizer is None:
         report.add("optimizer", "ok", "the Trainer's torch AdamW over the trainable parameters only")
-        return
-    options = recipe.guards.get("vision_freeze")
-    train_projector = bool(options and options.train_projector)
-    leaks = optimizer_leaks(optimizer, guarded_params(model, find_layout(model), train_projector))
-    if leaks:
-        report.add("optimizer", "error", f"{type(optimizer).__name__} holds {len(leaks)} vision-tower parameters "
-                   f"(e.g. {leaks[0]}): pass only trainable parameters", leaks[:5])
-    else:
-        report.add("optimizer", "ok", f"{type(optimizer).__name__}: no vision-tower parameter in its groups")
+    return optimizer
 
 
-def check_parameters(model, report: Report) -> None:
-    from stabguard.plugins.vision_freeze import find_layout, format_table, parameter_table
+LEVELS = ("ok", "info", "warn", "error")
 
-    try:
-        report.parameters = parameter_table(model, find_layout(model))
-    except GuardError as exc:
-        report.add("parameters", "warn", str(exc))
-        return
-    row = report.parameters["all"]
-    report.add("parameters", "info", f"{row['trainable']:,} of {row['total']:,} parameters trainable "
-               f"({row['lora']:,} LoRA)", format_table(report.parameters).splitlines())
+
+def check_guards_preflight(recipe, model, processor, optimizer, plugins, report: Report, events: EventLog) -> None:
+    """Each guard's own findings (the ``preflight`` hook); a finding with a ``table`` value under
+    "parameters" is the parameter table of ``--json``."""
+    start = len(events.events)
+    for impl in reversed(plugins.hook.preflight.get_hookimpls()):
+        guard = impl.plugin_name.removeprefix("guard:")
+
+        def add(level, message, *, check=None, details=(), _guard=guard, **values):
+            if level not in LEVELS:
+                raise ValueError(f"report level {level!r} is not one of {', '.join(LEVELS)}")
+            report.add(check or _guard, level, str(message), [str(d) for d in details], guard=_guard, values=values)
+
+        kwargs = {"recipe": recipe, "model": model, "processor": processor, "optimizer": optimizer,
+                  "report": add, "events": events}
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except Exception as exc:  # noqa: BLE001 - a plugin's crash is a finding, not the end of the check
+            cause = getattr(exc, "cause", exc)
+            report.add(guard, "error", f"{guard}: preflight failed: {type(cause).__name__}: {cause}", guard=guard)
+    report_events(events, start, "guards", report)
+    tables = [f.values["table"] for f in report.findings if f.check == "parameters" and "table" in f.values]
+    report.parameters = tables[0] if tables else None
 
 
 # -- label masks of a sample batch -----------------------------------------------------------------
@@ -272,8 +281,8 @@ def check_masks(recipe, processor, plugins, report: Report, events: EventLog, si
     from stabguard.collate import IGNORE_INDEX, ChatCollator
     from stabguard.data import ConversationDataset
 
-    if "mask" not in plugins.guards or plugins.guards["mask"].instance is None:
-        report.add("masks", "warn", "the mask guard is not loaded or not enabled: labels are shown, not audited")
+    if not [i for i in plugins.hook.post_collate.get_hookimpls() if i.plugin_name.startswith("guard:")]:
+        report.add("masks", "warn", "no enabled guard audits the labels (post_collate): they are shown, not audited")
     data, start = recipe.data, len(events.events)
     try:
         dataset = ConversationDataset(data.train, progress=labelled(progress, "train"))
@@ -423,8 +432,8 @@ def _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batc
     start = len(events.events)
     call_each(plugins, "setup_model", "guards", report, events, model=model, processor=processor, recipe=recipe)
     report_events(events, start, "guards", report)
-    check_parameters(model, report)
-    check_optimizer(recipe, model, plugins, report, events)
+    optimizer = check_optimizer(recipe, model, plugins, report, events)
+    check_guards_preflight(recipe, model, processor, optimizer, plugins, report, events)
     if processor is None:
         why = "could not be loaded (see model files)" if local else "is not available offline"
         report.add("masks", "info", f"not audited: the processor (tokenizer, chat template) {why}")

@@ -177,15 +177,23 @@ def skip_cause(message: str) -> str:
     return brief(re.sub(r"\s*\(.*\)$", "", cause).strip()) or "no reason given"
 
 
+def stated_causes(run: RunState) -> dict[tuple[str, int], str]:
+    """``(guard, step) -> cause`` from the events where a guard said why (its ``cause`` value)."""
+    return {(e.get("guard"), e.get("step")): str(e["values"]["cause"]) for e in run.events
+            if isinstance(e.get("values"), dict) and e["values"].get("cause") and e.get("step") is not None}
+
+
 def skip_findings(run: RunState) -> list[Finding]:
     """Skips grouped by cause; causes that differ only in their numbers form one group ("e.g. …")."""
     skips = run.events_of("skip")
     if not skips:
         counted = max((v for _, v in run.column("stabguard/skipped_steps")), default=0)
         return [Finding("warn", "skip", f"{int(counted)} steps skipped (see events.jsonl)")] if counted else []
+    causes_at = stated_causes(run)
     groups: dict[str, tuple[list[int], set[str]]] = {}
     for e in skips:
-        cause = skip_cause(e.get("message", ""))
+        guard = str(e.get("guard", "")).split(",")[0]
+        cause = causes_at.get((guard, e.get("step"))) or skip_cause(e.get("message", ""))
         steps, causes = groups.setdefault(re.sub(r"[\d.]+", "#", cause), ([], set()))
         steps.append(e.get("step") or 0)
         causes.add(cause)

@@ -1,10 +1,20 @@
 """Fault injection: make a run fail on purpose, to see the guards act (and to test your own guards).
 
 Not a guard and not loaded by default: name it in a recipe, ``plugins = ["stabguard.faults"]``, and say
-what to break in ``[guards.faults]``. Every fault happens where a real one would, before any guard
-looks: a NaN or a huge value in one LoRA gradient during the backward pass of the chosen optimizer steps,
-or a finite damaging update (noise added to every trainable weight right after the chosen steps' update:
-nothing is non-finite, only the next losses show it). ``recipes/pcb_tiny_faults.toml`` uses it.
+what to break in ``[guards.faults]``; ``stabguard.testing.run_guard(faults={...})`` takes the same keys.
+Every fault happens where a real one would, before any guard looks:
+
+- ``nan_grad_at`` / ``inf_grad_at``: a NaN or an Inf in one LoRA gradient during the backward pass of
+  the chosen optimizer steps; ``grad_scale_at``: that gradient multiplied by ``grad_scale`` (finite, huge);
+- ``loss_spike_at``: the loss of the chosen steps multiplied by ``loss_scale`` (the gradients follow);
+- ``damage_at``: a finite damaging update (noise added to every trainable weight right after the chosen
+  steps' update: nothing is non-finite, only the next losses show it);
+- ``nan_pixels_at``: a corrupt image (every pixel value NaN) in the chosen collated micro-batches;
+- ``masked_batch_at``: a fully masked micro-batch (every label -100: the loss is 0/0).
+
+Steps are optimizer steps, 1-based. Micro-batches are counted in collation order, 1-based: with
+``gradient_accumulation_steps = 1`` micro-batch N is trained in step N. ``recipes/pcb_tiny_faults.toml``
+uses it.
 """
 
 from __future__ import annotations
@@ -15,37 +25,65 @@ from pydantic import Field
 from stabguard import GuardOptions, hookimpl
 
 NAME = "faults"
+IGNORE_INDEX = -100
 
 
 class Options(GuardOptions):
     nan_grad_at: list[int] = Field(default_factory=list, description="optimizer steps whose gradient gets a NaN")
+    inf_grad_at: list[int] = Field(default_factory=list, description="optimizer steps whose gradient gets an Inf")
     grad_scale_at: list[int] = Field(default_factory=list, description="optimizer steps whose gradient is scaled")
     grad_scale: float = Field(default=1e4, gt=0, description="the factor for grad_scale_at")
+    loss_spike_at: list[int] = Field(default_factory=list, description="optimizer steps whose loss is scaled")
+    loss_scale: float = Field(default=50.0, gt=0, description="the factor for loss_spike_at")
     damage_at: list[int] = Field(default_factory=list, description="optimizer steps whose update is followed "
                                  "by noise on every trainable weight")
     damage_std: float = Field(default=0.5, gt=0, description="the noise's standard deviation for damage_at")
+    nan_pixels_at: list[int] = Field(default_factory=list, description="micro-batches whose images become NaN")
+    masked_batch_at: list[int] = Field(default_factory=list, description="micro-batches whose labels are all -100")
 
 
 class FaultInjector:
     def __init__(self, options: Options):
         self.options = options
-        self.step = 1  # the optimizer step the next backward pass belongs to
+        self.step = 1  # the optimizer step the next forward/backward pass belongs to
+        self.collated = 0  # micro-batches collated so far
 
     @hookimpl
     def setup_model(self, model, events):
         # lora_B: lora_A's gradient is zero until lora_B has moved away from its zero init.
         name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad)
         param.register_hook(self._corrupt)
-        events.record(NAME, "info", f"fault injection armed on {name}: NaN at steps {self.options.nan_grad_at}, "
-                      f"x{self.options.grad_scale:g} at steps {self.options.grad_scale_at}")
+        if self.options.loss_spike_at:
+            model.register_forward_hook(self._spike)
+        armed = {k: v for k, v in self.options.model_dump().items() if k.endswith("_at") and v}
+        events.record(NAME, "info", f"fault injection armed on {name}: {armed or 'nothing'}", armed=armed)
 
     def _corrupt(self, grad: torch.Tensor) -> torch.Tensor:
         if self.step in self.options.grad_scale_at:
             grad = grad * self.options.grad_scale
-        if self.step in self.options.nan_grad_at:
-            grad = grad.clone()
-            grad.view(-1)[0] = float("nan")
+        for steps, value in ((self.options.nan_grad_at, float("nan")), (self.options.inf_grad_at, float("inf"))):
+            if self.step in steps:
+                grad = grad.clone()
+                grad.view(-1)[0] = value
         return grad
+
+    def _spike(self, module, args, output):
+        if module.training and self.step in self.options.loss_spike_at and getattr(output, "loss", None) is not None:
+            output.loss = output.loss * self.options.loss_scale
+            return output
+        return None
+
+    @hookimpl(tryfirst=True)  # before any guard audits the batch
+    def post_collate(self, batch, samples, events):
+        self.collated += 1
+        if self.collated in self.options.nan_pixels_at and "pixel_values" in batch:
+            batch["pixel_values"].fill_(float("nan"))
+            events.record(NAME, "info", f"fault: NaN pixels in micro-batch {self.collated}",
+                          fault="nan_pixels", samples=[s["id"] for s in samples])
+        if self.collated in self.options.masked_batch_at:
+            batch["labels"].fill_(IGNORE_INDEX)
+            events.record(NAME, "info", f"fault: every label masked in micro-batch {self.collated}",
+                          fault="masked_batch", samples=[s["id"] for s in samples])
 
     @hookimpl
     def on_step_end(self, state, events):
@@ -60,7 +98,7 @@ class FaultInjector:
             noise = torch.randn(param.shape, generator=generator) * self.options.damage_std
             param.add_(noise.to(param.device, param.dtype))
         events.record(NAME, "info", f"fault: noise (std {self.options.damage_std:g}) added to every trainable "
-                      f"weight after step {step}'s update", step=step)
+                      f"weight after step {step}'s update", step=step, fault="damage")
 
 
 @hookimpl

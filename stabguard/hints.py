@@ -51,9 +51,12 @@ def _run(output_dir: Path) -> RunState:
 def _first_bad(run: RunState) -> tuple[int, str] | None:
     """The first non-finite step: the nonfinite guard's events are per step, log lines only per logging step."""
     for event in run.events:
-        if event.get("guard") == "nonfinite" and event.get("kind") in ("skip", "stop") and event.get("step"):
-            found = re.search(r"non-finite [^(;]*\([^)]*\)", event.get("message", ""))
-            return event["step"], brief(found.group()) if found else "non-finite values"
+        values = event.get("values") or {}
+        if event.get("guard") == "nonfinite" and event.get("kind") == "finding" and event.get("step"):
+            if "cause" not in values:
+                return event["step"], "non-finite values"
+            numbers = ", ".join(f"{k}={values[k]}" for k in ("loss", "grad_norm") if k in values)
+            return event["step"], brief(f"{values['cause']} ({numbers})" if numbers else values["cause"])
     for entry in run.history:
         values = {k: as_float(entry.get(k)) for k in ("loss", "grad_norm")}
         bad = [f"{k} {v}" for k, v in values.items() if v is not None and not math.isfinite(v)]
@@ -62,11 +65,19 @@ def _first_bad(run: RunState) -> tuple[int, str] | None:
     return None
 
 
+def _stop_step(run: RunState, stop_reason: str | None) -> int | None:
+    """The step of the run's stop event; for a run without one, the core's "step N: ..." reason."""
+    steps = [e["step"] for e in run.events if e.get("kind") == "stop" and isinstance(e.get("step"), int)]
+    if steps:
+        return steps[-1]
+    found = re.match(r"step (\d+)", stop_reason or "")
+    return int(found.group(1)) if found else None
+
+
 def gather(output_dir: str | Path, stop_reason: str | None) -> Evidence:
     output_dir = Path(output_dir)
     run = _run(output_dir)
-    found = re.match(r"step (\d+)", stop_reason or "")
-    ev = Evidence(stop_step=int(found.group(1)) if found else None, first_bad=_first_bad(run), clip=clip_value(run))
+    ev = Evidence(stop_step=_stop_step(run, stop_reason), first_bad=_first_bad(run), clip=clip_value(run))
     norms = [(s, v) for s, v in peak_grad_norms(run) if math.isfinite(v)]
     ev.peak = max(norms, key=lambda p: p[1]) if norms else None
     rates = [(s, v) for s, v in run.column("learning_rate") if math.isfinite(v)]

@@ -89,6 +89,29 @@ def make_optimizer(model, args, param_groups, events):
     """
 
 
+@hookspec
+def preflight(recipe, model, processor, optimizer, report, events):
+    """``stabguard check`` asks each guard what it can tell before any training.
+
+    Fires once per check, after ``configure`` and ``setup_model`` ran on a skeleton of the model (LoRA
+    applied, weights on the ``meta`` device: shapes and names, no values) and after ``make_optimizer``.
+    Never fires during ``stabguard run``.
+
+    :param recipe: the validated recipe.
+    :param model: the model skeleton, as ``setup_model`` left it.
+    :param processor: the model's processor, or None when the model is not a local folder.
+    :param optimizer: what ``make_optimizer`` returned, or None (the Trainer's AdamW over the trainable
+        parameters).
+    :param report: call ``report(level, message, *, check=None, details=(), **values)`` for each
+        finding: ``level`` is "ok", "info", "warn" or "error" (an error fails the check, exit 1);
+        ``check`` the heading it is shown under (default: the guard's name); ``details`` lines shown
+        under it; ``values`` JSON-serialisable numbers and names, kept in ``stabguard check --json``.
+    :param events: an in-memory event log (alerts recorded here are shown as warnings).
+    :return: ignored; every implementation is called. An exception is reported as an error finding of
+        this plugin and the other checks still run.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Data (per micro-batch; inside the data loader)
 # ---------------------------------------------------------------------------------------------

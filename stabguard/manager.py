@@ -3,7 +3,9 @@
 Built-in guards (the modules in ``plugins/``, installed as ``stabguard.plugins``) are loaded through the
 same function as every other plugin module; only their ``source`` differs. Third-party plugins come
 from the entry-point group ``stabguard`` (switched off by ``STABGUARD_DISABLE_PLUGIN_AUTOLOAD=1``) or
-from a recipe's ``plugins = ["my_module"]``.
+from a recipe's ``plugins = ["my_module"]`` (importable, or a module beside the recipe or in the current
+folder). A guard that came in through an entry point is off unless the recipe names it
+(``off_unless_named``); every entry-point plugin is announced at the start of a run.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import functools
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -68,14 +72,22 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.guards: dict[str, GuardSpec] = {}
+        self.near: list[Path] = []  # folders a recipe module may sit in: the recipe's, the current one
+        self.requested: set[str] = set()  # entry-point plugins the recipe also names in `plugins`
         for name in block:
             self.pm.set_blocked(name)
 
     @classmethod
     def for_recipe(cls, modules: Iterable[str] = (), block: Iterable[str] = (), *,
-                   builtins: bool = True, autoload: bool | None = None) -> Plugins:
-        """Built-ins, then entry points (unless disabled), then the recipe's modules; guards collected."""
+                   builtins: bool = True, autoload: bool | None = None,
+                   near: Iterable[str | Path] = ()) -> Plugins:
+        """Built-ins, then entry points (unless disabled), then the recipe's modules; guards collected.
+
+        ``near``: folders (the recipe's) searched, after ``sys.path`` and before the current folder, for a
+        recipe module that is not importable otherwise.
+        """
         plugins = cls(block=block)
+        plugins.near = [Path(p) for p in near] + [Path.cwd()]
         if builtins:
             for name, module in BUILTIN_PLUGINS.items():
                 plugins.load_module(module, name=name, source="built-in")
@@ -114,9 +126,13 @@ class Plugins:
         if self.pm.is_blocked(name) or self.pm.has_plugin(name):
             return None
         try:
-            module = importlib.import_module(module_path)
+            module = _import(module_path, self.near if source == "recipe" else [])
         except ImportError as exc:
-            raise ImportError(f"cannot import plugin module {module_path!r} ({source}): {exc}") from exc
+            where = f" (also looked in {', '.join(str(p) for p in self.near)})" if source == "recipe" else ""
+            raise ImportError(f"cannot import plugin module {module_path!r} ({source}): {exc}{where}") from exc
+        if self.pm.is_registered(module):  # a recipe naming a module its entry point already loaded
+            self.requested.add(self.pm.get_name(module))
+            return module
         self.register(module, name=name, source=source)
         return module
 
@@ -145,6 +161,17 @@ class Plugins:
 
     def guard_options(self) -> dict[str, type[GuardOptions]]:
         return {name: spec.options for name, spec in self.guards.items()}
+
+    def off_unless_named(self) -> set[str]:
+        """Guards that stay off unless the recipe has their ``[guards.<name>]`` table: those that came in
+        through an entry point whose module the recipe does not list in ``plugins``. Installing a package
+        must not change what an unrelated run does (skip its steps); built-ins and recipe modules are on."""
+        return {name for name, spec in self.guards.items()
+                if self.info[spec.provided_by].source == "entry point" and spec.provided_by not in self.requested}
+
+    def entry_point_plugins(self) -> list[PluginInfo]:
+        """The plugins that came in through an entry point (announced at the start of a run)."""
+        return [info for info in self.info.values() if info.source == "entry point"]
 
     def enable_guards(self, options: dict[str, GuardOptions]) -> list[str]:
         """Build and register each guard whose options say ``enabled``; return the enabled names."""
@@ -180,6 +207,19 @@ def _naming_failures(function: Callable, hook: str, plugin: str) -> Callable:
 
     call._stabguard_named = True
     return call
+
+
+def _import(module_path: str, near: list[Path]) -> ModuleType:
+    """Import ``module_path``; when its top-level package is not on ``sys.path``, look in ``near``."""
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        top = module_path.split(".")[0]
+        folders = [str(p.resolve()) for p in near if (p / f"{top}.py").is_file() or (p / top / "__init__.py").is_file()]
+        if exc.name != top or not folders:
+            raise
+    sys.path.extend(f for f in dict.fromkeys(folders) if f not in sys.path)  # its own imports need it later too
+    return importlib.import_module(module_path)
 
 
 def _version_of(plugin: Any) -> str:

@@ -40,10 +40,13 @@ def known_config(name: str):
     return config
 
 
+def under(name: str, prefixes) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or inside one (as bitsandbytes' skip_modules match)."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def weight_counts(model, quantization) -> dict[str, int]:
     """Parameters bitsandbytes would quantize (Linear weights outside skip_modules) and the rest."""
-    from stabguard.plugins.vision_freeze import under
-
     total = sum(p.numel() for p in model.parameters())
     if not quantization.load_in_4bit:
         return {"quantized": 0, "other": total}

@@ -268,8 +268,10 @@ def training_args_view(recipe) -> Any:
     return SimpleNamespace(**{**defaults, **recipe.training_arguments()})
 
 
-def check_guards(raw_guards: Any, known: dict[str, type[GuardOptions]]) -> tuple[dict, list[tuple[str, str]]]:
-    """Each ``[guards.<name>]`` table against the options its guard declared; absent guards get defaults."""
+def check_guards(raw_guards: Any, known: dict[str, type[GuardOptions]],
+                 off_unless_named: set[str] = frozenset()) -> tuple[dict, list[tuple[str, str]]]:
+    """Each ``[guards.<name>]`` table against the options its guard declared; absent guards get defaults
+    (``enabled = false`` for those in ``off_unless_named``: third-party guards from entry points)."""
     raw_guards = raw_guards or {}
     if not isinstance(raw_guards, dict):
         return {}, [("guards", "must be a table of [guards.<name>] tables")]
@@ -279,7 +281,7 @@ def check_guards(raw_guards: Any, known: dict[str, type[GuardOptions]]) -> tuple
             errors.append((f"guards.{name}", f"unknown guard; known guards: {', '.join(sorted(known)) or 'none'}"))
     options = {}
     for name, model in known.items():
-        table = raw_guards.get(name, {})
+        table = raw_guards.get(name, {"enabled": False} if name in off_unless_named else {})
         if not isinstance(table, dict):
             errors.append((f"guards.{name}", "must be a table"))
             continue
@@ -320,12 +322,13 @@ def load_recipe(path: str | Path, plugins=None) -> Recipe:
         from stabguard.manager import Plugins
 
         try:
-            plugins = Plugins.for_recipe(parsed.get("plugins", []), parsed.get("block_plugins", []))
+            plugins = Plugins.for_recipe(parsed.get("plugins", []), parsed.get("block_plugins", []),
+                                         near=[Path(path).parent])
         except ImportError as exc:
             errors.append(("plugins", str(exc)))
     guards = {}
     if plugins is not None:  # with a plugin that failed to import, guard tables cannot be checked
-        guards, guard_errors = check_guards(raw.get("guards"), plugins.guard_options())
+        guards, guard_errors = check_guards(raw.get("guards"), plugins.guard_options(), plugins.off_unless_named())
         errors += guard_errors
     if errors:
         raise RecipeError(path, errors)

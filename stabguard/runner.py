@@ -45,10 +45,21 @@ def prepare(recipe_path: str | Path, plugins: Plugins | None = None) -> tuple[Re
     if plugins is None:
         modules, block = plugin_lists(recipe_path)
         try:
-            plugins = Plugins.for_recipe(modules, block)
+            plugins = Plugins.for_recipe(modules, block, near=[Path(recipe_path).parent])
         except ImportError as exc:
             raise RecipeError(recipe_path, [("plugins", str(exc))]) from None
     return load_recipe(recipe_path, plugins), plugins
+
+
+def announce_entry_points(plugins: Plugins, enabled: list[str]) -> list[dict]:
+    """Say which installed packages joined this run through an entry point, and whether their guards are on."""
+    found = []
+    for info in plugins.entry_point_plugins():
+        guards = {g.name: g.name in enabled for g in plugins.guards.values() if g.provided_by == info.name}
+        shown = ", ".join(f"{g} {'on' if on else 'off (no [guards.' + g + '] in the recipe)'}" for g, on in guards.items())
+        say(f"plugin {info.name} from {info.version} (entry point){'; guards: ' + shown if shown else ''}")
+        found.append({"plugin": info.name, "package": info.version, "guards": guards})
+    return found
 
 
 def ensure_data(recipe: Recipe) -> None:
@@ -99,7 +110,9 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     events = EventLog(output_dir / EVENTS_FILE, on_alert=lambda alert: plugins.hook.on_alert(alert=alert),
                       echo=echo, run=shared_run_id(), rank=rank)
     say(f"run {events.run}; guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
+    installed = announce_entry_points(plugins, enabled)
     events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled, resume=str(resume),
+                  entry_points=installed,
                   max_grad_norm=args.max_grad_norm, max_steps=args.max_steps, seed=args.seed,
                   world_size=args.world_size)
     try:

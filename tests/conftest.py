@@ -17,16 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ---- core: the tiny demo model and synthetic data, built once per session --------------------------
 
-@pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory):
-    """A saved tiny random Qwen3-VL (with processor) and a small synthetic PCB train set."""
-    from stabguard.data.synth import synth_pcb
-    from stabguard.models import build_tiny_model
+def pytest_configure(config):
+    """The public fixtures (``stabguard_tiny_assets``, ``run_guard``) come from the ``pytest11`` entry
+    point once stabguard is installed; from a source checkout that was not reinstalled, load them here."""
+    if not config.pluginmanager.has_plugin("stabguard.testing.pytest_plugin") and not any(
+            getattr(p, "__name__", "") == "stabguard.testing.pytest_plugin" for p in config.pluginmanager.get_plugins()):
+        config.pluginmanager.import_plugin("stabguard.testing.pytest_plugin")
 
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = build_tiny_model(root / "model", seed=0, max_pixels=65536)
-    synth_pcb(root / "data", n=8, seed=0, size=128, val_fraction=0.25)
-    return {"model": model_dir, "train": root / "data" / "train.jsonl", "val": root / "data" / "val.jsonl"}
+
+@pytest.fixture(scope="session")
+def tiny_assets(stabguard_tiny_assets):
+    """A saved tiny random Qwen3-VL (with processor) and a small synthetic PCB train set (built once)."""
+    return stabguard_tiny_assets
 
 
 # ---- collate/mask (helper): tokenizers and processors, built once per session ----------------------

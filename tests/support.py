@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 from stabguard import hookimpl
 from stabguard.manager import HOOK_NAMES
+from stabguard.testing import tiny_recipe, toml_dumps, toml_value, write_recipe  # noqa: F401 - one copy, public
 
 # The Qwen3-VL chat format, as qwen3vl.md gives it: one user turn with an image, one assistant turn.
 REFERENCE = (
@@ -20,51 +17,6 @@ CONVERSATION = [
     ]},
     {"role": "assistant", "content": "Defect: open circuit."},
 ]
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)  # str, int, float: TOML accepts JSON's spelling
-
-
-def toml_dumps(data: dict[str, Any]) -> str:
-    """Enough TOML for recipes: top-level keys, tables, and tables of tables (``guards.<name>``)."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for name, table in data.items():
-        if not isinstance(table, dict):
-            continue
-        flat = {k: v for k, v in table.items() if not (isinstance(v, dict) and name == "guards")}
-        lines += [f"\n[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in flat.items()]
-        for sub, subtable in table.items():
-            if isinstance(subtable, dict) and name == "guards":
-                lines += [f"\n[{name}.{sub}]"] + [f"{k} = {toml_value(v)}" for k, v in subtable.items()]
-    return "\n".join(lines) + "\n"
-
-
-def tiny_recipe(assets: dict[str, Path], output_dir: Path, *, training: dict | None = None,
-                guards: dict | None = None, data: dict | None = None, **top: Any) -> dict[str, Any]:
-    """A recipe dict for the prebuilt tiny model and data (see the ``tiny_assets`` fixture)."""
-    return {
-        **top,
-        "model": {"name_or_path": str(assets["model"]), "dtype": "float32", "max_pixels": 65536},
-        "data": {"train": str(assets["train"]), "max_length": 512, **(data or {})},
-        "training": {"output_dir": str(output_dir), "max_steps": 2, "per_device_train_batch_size": 1,
-                     "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
-                     "save_steps": 100, "use_cpu": True, "seed": 0, "max_grad_norm": 1.0,
-                     **(training or {})},
-        "lora": {"r": 4, "alpha": 8},
-        "guards": guards or {},
-    }
-
-
-def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(toml_dumps(recipe), encoding="utf-8")
-    return path
 
 
 class HookRecorder:

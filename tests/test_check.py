@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from support import tiny_recipe, write_recipe
 
+from stabguard import GuardOptions, hookimpl
 from stabguard.check import model_file_problems, preflight
 from stabguard.cli.check import command
+from stabguard.manager import Plugins
 
 HUB_32B = "Qwen/Qwen3-VL-32B-Instruct"
 
@@ -122,3 +126,32 @@ def test_the_source_notes_model_class_and_an_invalid_recipe(tmp_path, tiny_asset
     assert code == 1 and "removed in transformers 5" in output and "AutoModelForImageTextToText" in output
     code, output = check(tmp_path, tiny_assets, training={"warmup_ratio": 0.1})
     assert code == 2 and "training.warmup_ratio" in output
+
+
+class FrozenCount:
+    """A third-party guard with its own preflight: findings under its name, with values."""
+
+    @hookimpl
+    def preflight(self, model, optimizer, report):
+        frozen = sum(not p.requires_grad for p in model.parameters())
+        report("warn", f"{frozen} frozen tensors", frozen=frozen)
+        report("info", "a second heading", check="frozen tensors", details=["one", "two"])
+
+
+@hookimpl
+def register_guards(register):
+    register("frozen_count", GuardOptions, lambda options: FrozenCount())
+
+
+def test_a_guards_preflight_findings_reach_the_check_and_the_core_imports_no_guard(tmp_path, tiny_assets):
+    plugins = Plugins.for_recipe()
+    plugins.register(sys.modules[__name__], name="frozen-count-plugin")
+    plugins.collect_guards()
+    recipe = write_recipe(tmp_path / "recipe.toml", tiny_recipe(tiny_assets, tmp_path / "out"))
+    report = preflight(recipe, plugins=plugins)
+    mine = [f for f in report.findings if f.guard == "frozen_count"]
+    assert [(f.check, f.level) for f in mine] == [("frozen_count", "warn"), ("frozen tensors", "info")]
+    assert mine[0].values["frozen"] > 0 and mine[1].details == ["one", "two"]
+    assert report.parameters["vision"]["trainable"] == 0, "vision_freeze's preflight fills the parameter table"
+    source = (Path(__file__).parent.parent / "stabguard" / "check.py").read_text()
+    assert "stabguard.plugins" not in source, "stabguard check must learn about guards through their hooks"

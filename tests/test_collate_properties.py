@@ -2,8 +2,8 @@
 
 Run on the demo tokenizer and on the real Qwen BPE (dashscope's qwen.tiktoken, real special ids).
 
-Generated text is unicode with newlines, empty replies, and near-misses of template markers
-("<|assistant|>", "<|im_start>assistant", "<|IM_END|>", ...). Exact special-token strings are left
+Generated text (``stabguard.testing.strategies``, public for plugin authors) is unicode with newlines,
+empty replies, role words and near-misses of template markers ("<|assistant|>", "<|IM_END|>", ...). Exact special-token strings are left
 out: the tokenizer would read them as markers, so the collator refuses such samples (tested in
 test_collate.py). Plain added tokens such as "<think>" stay in: they are ordinary text to the template.
 
@@ -13,7 +13,6 @@ whitespace that the BPE merges into the header's last token ("\\n"), the loss se
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from datetime import timedelta
 
@@ -21,46 +20,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from stabguard import EventLog, GuardError
 from stabguard.collate import IGNORE_INDEX, ChatCollator
 from stabguard.plugins.mask import MaskGuard, Options
-from stabguard.qwen import QWEN_ADDED_TOKENS
+from stabguard.testing.strategies import batches, replies_of
 
 SETTINGS = settings(max_examples=40, deadline=timedelta(seconds=3),
                     suppress_health_check=[HealthCheck.too_slow])
-SPECIAL = re.compile("|".join(re.escape(t) for t, special in QWEN_ADDED_TOKENS if special))
-NEAR_MISSES = ["<|assistant|>", "<|im_start>assistant", "<|im_start|", "im_end|>", "<|IM_END|>", "<im_end>",
-               "<|image|>", "<|vision_start>", "<|endoftext>", "assistant\n", "<think>\n", "</think>",
-               "<tool_call>", "user\n", "<|im_sep|>", "[INST]"]
-SIZES = [(32, 32), (48, 32), (32, 64), (64, 64)]
-
-pieces = st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
-                   st.sampled_from(NEAR_MISSES), st.sampled_from(["\n", "\n\n", " ", "\t", "\r\n", " \n "]))
-texts = st.lists(pieces, max_size=4).map("".join).filter(lambda t: not SPECIAL.search(t))
-replies = st.one_of(st.just(""), texts)
-
-
-@st.composite
-def conversations(draw, sid: str) -> dict:
-    """A sample dict: optional system turn, 1-4 rounds, at most 3 images spread over the user turns."""
-    system = draw(st.none() | texts)
-    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-    images, budget = [], 3
-    for _ in range(draw(st.integers(1, 4))):
-        n = draw(st.integers(0, budget))
-        budget -= n
-        sizes = [draw(st.sampled_from(SIZES)) for _ in range(n)]
-        items = [{"type": "image", "image": f"{sid}-{len(images) + k}.png"} for k in range(n)]
-        items = draw(st.permutations(items + [{"type": "text", "text": draw(texts)}]))
-        images += [Image.new("RGB", size, (len(images) * 40 % 255, 120, 60)) for size in sizes]
-        messages.append({"role": "user", "content": items})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": draw(replies)}]})
-    return {"id": sid, "messages": messages, "images": images}
-
-
-batches = st.integers(1, 3).flatmap(lambda n: st.tuples(*(conversations(f"s{i}") for i in range(n))).map(list))
 
 
 @pytest.fixture(params=["demo", "qwen"], scope="module")
@@ -82,10 +49,6 @@ def runs(labels: torch.Tensor) -> list[list[int]]:
     pos = (labels != IGNORE_INDEX).nonzero().flatten()
     breaks = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
     return [labels[chunk].tolist() for chunk in torch.tensor_split(pos, breaks)] if len(pos) else []
-
-
-def replies_of(sample: dict) -> list[str]:
-    return [m["content"][0]["text"] for m in sample["messages"] if m["role"] == "assistant"]
 
 
 def real(row: torch.Tensor, mask: torch.Tensor) -> list[int]:

@@ -53,6 +53,18 @@ def test_skipped_nans_are_not_trouble_and_name_their_cause(tmp_path):
     assert diagnosis.health == "warn"
 
 
+def test_a_skip_takes_its_cause_from_the_guards_values_not_its_message(tmp_path):
+    nans = (150, 155)
+    write_hf_run(tmp_path, stabguard_history(nan_steps=nans))
+    events = []
+    for s in nans:
+        events += [("my_guard", "finding", s, "something odd", {"cause": "a bad sample"}),
+                   ("my_guard", "skip", s, f"step {s} skipped: my_guard: see the finding (details)", {})]
+    write_events(tmp_path, events)
+    [skips] = topics(diagnose(load_run(tmp_path)), "skip")
+    assert skips.text == f"2 steps skipped (a bad sample) at steps {nans[0]}, {nans[1]}"
+
+
 def test_healthy_run_is_ok(tmp_path):
     write_hf_run(tmp_path, spiky_history(spike=(0, -1), nan_steps=()))
     diagnosis = diagnose(load_run(tmp_path))

@@ -1,5 +1,6 @@
 """Meta-tests: the hook names the product promises, and docs that stay true to the specs."""
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
@@ -34,3 +35,26 @@ def test_every_hook_docstring_says_what_it_returns():
         assert ":return:" in doc, name
         for param in inspect.signature(getattr(hookspecs, name)).parameters:
             assert f":param {param}:" in doc, f"{name} does not document {param}"
+
+
+def _documented(name: str) -> bool:
+    """Named inside a code span: `name`, `x.name(...)`, `Verdict.name(...)`."""
+    return re.search(rf"`[^`\n]*(?<![\w]){re.escape(name)}(?![\w])[^`\n]*`", DOCS.read_text()) is not None
+
+
+def _public(cls) -> list[str]:
+    fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    methods = [n for n, v in vars(cls).items() if callable(v) or isinstance(v, (classmethod, property))]
+    return [n for n in dict.fromkeys(fields + methods) if not n.startswith("_")]
+
+
+def test_every_public_attribute_a_guard_reads_is_documented():
+    from stabguard.events import EventLog
+    from stabguard.step import StepState
+    from stabguard.testing import GuardRun
+    from stabguard.verdict import Verdict
+
+    public = {"StepState": _public(StepState), "Verdict": _public(Verdict), "GuardRun": _public(GuardRun),
+              "EventLog": [n for n in _public(EventLog) if n != "close"] + ["events", "run", "rank", "path"]}
+    missing = [f"{owner}.{name}" for owner, names in public.items() for name in names if not _documented(name)]
+    assert not missing, f"docs/plugins.md does not mention: {', '.join(missing)}"

@@ -99,7 +99,7 @@ def test_autoload_switch_disables_entry_points(third_party, monkeypatch):
 def test_plugins_command_lists_third_party_and_builtins(third_party):
     out = CliRunner().invoke(main, ["plugins"])
     assert out.exit_code == 0, out.output
-    assert "counting sg-thirdparty 1.2.3 (entry point) guards: counting" in out.output
+    assert "counting sg-thirdparty 1.2.3 (entry point) guards: counting (off unless the recipe has [guards.counting])" in out.output
     assert "nonfinite 0.1.0 (built-in) guards: nonfinite" in out.output
     hooks_line = out.output.split("nonfinite 0.1.0")[1].splitlines()[1]
     assert "pre_step" in hooks_line and "register_guards" in hooks_line
@@ -126,3 +126,64 @@ def test_recipe_module_plugin(tmp_path, monkeypatch):
     logs = {}
     plugins.hook.on_log(logs=logs, state=None, events=None)
     assert logs == {"mine": 1}
+
+
+def _recipe(tmp_path, assets_free_extra: str = "") -> "Path":
+    """A recipe whose guard tables are all that matters here (validated, never run)."""
+    path = tmp_path / "recipes" / "r.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent('''
+        %s
+        [model]
+        name_or_path = "m"
+        [data]
+        train = "t.jsonl"
+        [training]
+        output_dir = "out"
+    ''') % assets_free_extra)
+    return path
+
+
+@pytest.mark.parametrize("extra, on", [
+    ("", False),  # installed, not named: loaded and listed, but off
+    ("[guards.counting]\nevery = 2", True),  # its table turns it on
+    ('plugins = ["sg_thirdparty"]', True),  # so does naming its module
+])
+def test_an_entry_point_guard_is_off_unless_the_recipe_names_it(third_party, tmp_path, extra, on):
+    from stabguard.recipe import load_recipe
+
+    if extra.startswith("["):
+        extra = "\n" + extra  # a table goes after the top-level keys
+        path = _recipe(tmp_path)
+        path.write_text(path.read_text() + extra + "\n")
+    else:
+        path = _recipe(tmp_path, extra)
+    recipe = load_recipe(path)
+    assert recipe.guards["counting"].enabled is on, path.read_text()
+    assert recipe.guards["nonfinite"].enabled, "built-in guards stay on by default"
+
+
+def test_a_plugin_module_beside_the_recipe_or_in_the_current_folder_loads(tmp_path, monkeypatch):
+    path = _recipe(tmp_path, 'plugins = ["beside_recipe", "in_cwd"]')
+    (path.parent / "beside_recipe.py").write_text("from stabguard import hookimpl\n@hookimpl\ndef on_log(logs):\n    logs['a'] = 1\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "in_cwd.py").write_text("from stabguard import hookimpl\n@hookimpl\ndef on_log(logs):\n    logs['b'] = 2\n")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    plugins = Plugins.for_recipe(["beside_recipe", "in_cwd"], near=[path.parent])
+    logs = {}
+    plugins.hook.on_log(logs=logs, state=None, events=None)
+    assert logs == {"a": 1, "b": 2} and plugins.info["beside_recipe"].source == "recipe"
+    with pytest.raises(ImportError, match="'nowhere_module' .*also looked in"):
+        Plugins.for_recipe(["nowhere_module"], near=[path.parent])
+
+
+def test_entry_point_plugins_are_announced_with_package_and_version(third_party, capsys):
+    from stabguard.runner import announce_entry_points
+
+    plugins = Plugins.for_recipe()
+    found = announce_entry_points(plugins, enabled=["nonfinite"])
+    assert found == [{"plugin": "counting", "package": "sg-thirdparty 1.2.3", "guards": {"counting": False}}]
+    assert ("stabguard: plugin counting from sg-thirdparty 1.2.3 (entry point); guards: counting off "
+            "(no [guards.counting] in the recipe)") in capsys.readouterr().err

@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "stabguard.cli.eval",
     "monitor": "stabguard.cli.monitor",
     "report": "stabguard.cli.report",
+    "new-plugin": "stabguard.cli.new_plugin",
 }
 
 

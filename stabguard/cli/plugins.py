@@ -26,17 +26,22 @@ def plugin_rows(plugins: Plugins) -> list[dict]:
 @click.option("--recipe", default=None, type=click.Path(dir_okay=False), help="include the recipe's plugins")
 def command(hook, recipe):
     """List every plugin stabguard loads: name, version, source and the hooks it implements."""
-    modules, block = ([], [])
+    modules, block, near = [], [], []
     if recipe:
+        from pathlib import Path
+
         from stabguard.recipe import plugin_lists
 
         modules, block = plugin_lists(recipe)
-    plugins = Plugins.for_recipe(modules, block)
+        near = [Path(recipe).parent]
+    plugins = Plugins.for_recipe(modules, block, near=near)
+    off = plugins.off_unless_named()
     if hook and hook not in HOOK_NAMES:
         raise click.BadParameter(f"unknown hook {hook!r}; hooks: {', '.join(HOOK_NAMES)}", param_hint="--hook")
     for row in plugin_rows(plugins):
         if hook and hook not in row["hooks"]:
             continue
-        guards = f" guards: {', '.join(row['guards'])}" if row["guards"] else ""
+        names = [f"{g} (off unless the recipe has [guards.{g}])" if g in off else g for g in row["guards"]]
+        guards = f" guards: {', '.join(names)}" if names else ""
         click.echo(f"{row['name']} {row['version']} ({row['source']}){guards}")
         click.echo(f"    hooks: {', '.join(row['hooks'])}")

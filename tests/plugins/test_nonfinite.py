@@ -44,7 +44,8 @@ def test_nonfinite_step_is_skipped_naming_the_cause(loss, grad_norm, cause):
     assert verdict.action == Action.SKIP and verdict.guard == "nonfinite"
     assert f"non-finite {cause} (" in verdict.reason
     (finding,) = events.of_kind("finding")
-    assert finding["step"] == 7 and finding["values"]["cause"] == cause
+    assert finding["step"] == 7 and finding["values"]["nonfinite"] == cause
+    assert finding["values"]["cause"] == f"non-finite {cause}"
 
 
 def test_finite_step_proceeds_and_records_nothing():
@@ -123,7 +124,7 @@ def test_faulty_step_changes_nothing_and_holds_the_lr(tmp_path, tiny_assets, fau
     assert all(torch.isfinite(p).all() for p in result.trainer.model.parameters())
     events = read_events(result.output_dir / "events.jsonl")
     (finding,) = [e for e in events if e["kind"] == "finding"]
-    assert finding["step"] == 2 and finding["values"]["cause"] == cause
+    assert finding["step"] == 2 and finding["values"]["cause"] == f"non-finite {cause}"
     assert [e["step"] for e in events if e["kind"] == "skip" and e["guard"] == "nonfinite"] == [2]
     logged = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     lines = [e for e in logged if "grad_norm" in e]
