@@ -32,12 +32,14 @@ def test_sigkill_loses_no_complete_line_and_resume_restores_the_guards(tmp_path,
                          guards={"faults": {"nan_grad_at": [2]}})  # nonfinite counts one skip before the kill
     path = write_recipe(tmp_path / "recipe.toml", recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path)], env=env, text=True,
+    # cwd: not the repository, whose source folder would shadow the installed package under tox
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(path)], env=env, text=True, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(tmp_path / "out" / "checkpoint-6" / "stabguard_state.json", proc)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
