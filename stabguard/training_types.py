@@ -16,13 +16,18 @@ import typing
 from typing import Any
 
 
+# Fields whose declared type is narrower than what TrainingArguments takes (its docstring and __post_init__):
+# ``fsdp`` is declared ``str | None`` but takes a bool or a list of options too.
+WIDER = {"fsdp": bool | str | list[str] | None}
+
+
 @functools.cache
 def field_types() -> dict[str, Any]:
     """Each init field of ``TrainingArguments`` -> its resolved type hint."""
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments) if f.init}
+    return {f.name: WIDER.get(f.name, hints[f.name]) for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
 def toml_repr(value: Any) -> str:
