@@ -1,7 +1,11 @@
 """Collation cost: building + checking labels (collator labels, mask guard) vs the processor's own work.
 
-Run:  python bench/collator.py                    (real Qwen BPE when dashscope is installed, else the demo BPE)
+Run:  python bench/collator.py                    (the real Qwen BPE: needs the test extra, pip install -e '.[test]')
       python bench/collator.py --tokenizer demo --batches 40 --batch-size 8
+
+The real Qwen BPE is rebuilt offline from the ranks shipped in ``dashscope`` (the ``test`` extra). Without
+it the default stops and says so; ``--tokenizer demo`` measures the demo's 2048-token BPE instead (shorter
+vocabulary, different token counts: not the README's numbers). The first line printed names the tokenizer.
 
 Each batch goes through ChatCollator, whose processor is wrapped in a timer, then MaskGuard.post_collate
 (strict mode, the default). The processor's own time -- chat-template rendering, tokenization, image
@@ -134,9 +138,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a DataLoader worker uses 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    kind = args.tokenizer or ("qwen" if importlib.util.find_spec("dashscope") else "demo")
-    processor = build_processor(build_qwen_tokenizer() if kind == "qwen" else build_demo_tokenizer())
-    print(f"tokenizer {kind}; {args.batches} timed batches of {args.batch_size}; CPU, {args.threads} torch thread(s)")
+    kind = args.tokenizer or "qwen"
+    if kind == "qwen" and importlib.util.find_spec("dashscope") is None:
+        parser.exit(2, "collator: the real Qwen BPE needs dashscope (the test extra: pip install -e '.[test]'); "
+                       "or measure the demo tokenizer with --tokenizer demo\n")
+    tokenizer = build_qwen_tokenizer() if kind == "qwen" else build_demo_tokenizer()
+    processor = build_processor(tokenizer)
+    name = {"qwen": "the real Qwen BPE (from dashscope)", "demo": "the demo BPE (not Qwen's)"}[kind]
+    print(f"tokenizer: {name}, {len(tokenizer)} tokens; {args.batches} timed batches of {args.batch_size}; "
+          f"CPU, {args.threads} torch thread(s)")
     print(f"{'workload':<12} {'tokens/s':>10} {'processor':>10} {'labels':>8} {'guard':>7} {'labels+guard':>13}")
     for name, make in (("pcb-image", pcb_sample), ("text-multi", text_sample)):
         print(report(name, measure(processor, make, args.batches, args.batch_size), args.goal))

@@ -3,6 +3,10 @@ plain ``transformers.Trainer`` with ``max_grad_norm``, same model, data, seed an
 
     python bench/overhead.py                 # about 3 minutes on 2 idle CPU cores
     python bench/overhead.py --rounds 9 --steps 20
+    python bench/overhead.py --snapshot-every 0   # the guarded arm without the core's per-step snapshot
+
+Torch runs on ``--threads`` threads (default 1; ``OMP_NUM_THREADS`` too, set before torch loads): two
+torch processes each taking every core of a 2-core machine oversubscribe it and steps get ~40x slower.
 
 After one untimed run of each, runs alternate (plain, guarded, guarded, plain, ...) so drift in the
 machine's load hits both alike.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -25,16 +30,29 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-import transformers
-from torch.nn.utils import clip_grad
+def _threads(argv: list[str]) -> str:
+    """``--threads N`` read before torch is imported, so its thread pools start at that size."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+        if arg == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "1"
 
-from stabguard.events import EventLog
-from stabguard.manager import Plugins
-from stabguard.recipe import DataSection, LoraSection, ModelSection, Recipe
+
+os.environ["OMP_NUM_THREADS"] = _threads(sys.argv)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.nn.utils import clip_grad  # noqa: E402
+
+from stabguard.events import EventLog  # noqa: E402
+from stabguard.manager import Plugins  # noqa: E402
+from stabguard.recipe import DataSection, LoraSection, ModelSection, Recipe, SnapshotSection  # noqa: E402
 
 GUARDS = {"nonfinite": {}, "grad_norm": {"adaptive": True}, "spike": {}}
 PASSES: Counter = Counter()
+SNAPSHOT_EVERY = [1]  # the recipe default; --snapshot-every
 
 
 def count_gradient_passes() -> None:
@@ -99,7 +117,7 @@ def make_recipe(model: Path, train: Path, out: Path, steps: int, plugins: Plugin
     guards = {name: plugins.guards[name].options(**opts) for name, opts in GUARDS.items()}
     return Recipe(model=ModelSection(name_or_path=str(model), dtype="float32", max_pixels=65536),
                   data=DataSection(train=str(train), max_length=512), training=training,
-                  lora=LoraSection(r=8, alpha=16), guards=guards)
+                  lora=LoraSection(r=8, alpha=16), guards=guards, snapshots=SnapshotSection(every=SNAPSHOT_EVERY[0]))
 
 
 def guard_plugins() -> Plugins:
@@ -122,7 +140,8 @@ def build(kind: str, model: Path, train: Path, out: Path, steps: int):
     transformers.set_seed(0)
     if kind == "guarded":
         plugins.enable_guards(recipe.guards)
-        return build_trainer(recipe, plugins, EventLog())
+        args = transformers.TrainingArguments(**recipe.training_arguments())
+        return build_trainer(recipe, plugins, EventLog(), args)
     net, processor = load_model(recipe.model, recipe.lora, recipe.quantization)
     collator = ChatCollator(processor, max_length=recipe.data.max_length, truncation=recipe.data.truncation)
     args = transformers.TrainingArguments(**recipe.training_arguments())
@@ -150,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=3, help="first step intervals of a run left out")
     parser.add_argument("--hidden", type=int, default=256, help="text hidden size of the random model")
     parser.add_argument("--layers", type=int, default=4, help="text layers of the random model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the cores may be shared)")
+    parser.add_argument("--snapshot-every", type=int, default=1, help="the guarded arm's [snapshots] every")
     opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    SNAPSHOT_EVERY[0] = opts.snapshot_every
     transformers.logging.set_verbosity_error()
     count_gradient_passes()
     with tempfile.TemporaryDirectory(prefix="stabguard-bench-") as tmp:
@@ -177,7 +200,8 @@ def report(times: dict[str, list[tuple[float, float]]], pairs: list[list[float]]
            opts) -> None:
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"model: text hidden {opts.hidden} x {opts.layers} layers, LoRA r=8; batch 2 x 2 accumulation")
-    print(f"guards: {', '.join(f'{k} {v}' if v else k for k, v in GUARDS.items())}; plain: max_grad_norm=1.0")
+    print(f"guards: {', '.join(f'{k} {v}' if v else k for k, v in GUARDS.items())}; snapshots every "
+          f"{opts.snapshot_every}; plain: max_grad_norm=1.0")
     seam = {k: statistics.median(t[2] for t in times[k]) for k in ("plain", "guarded")}
     plain_step = statistics.median(t[0] for t in times["plain"])
     print(f"median time in the clipping seam: plain {seam['plain'] * 1e3:.2f} ms (norm, clip), guarded "
