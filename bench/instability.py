@@ -139,10 +139,13 @@ class Faults(transformers.TrainerCallback):
 
 def poison_answer(batch, row: int, seed: int) -> None:
     """A wrong answer, not a wrong mask: the supervised tokens (ids and labels alike) become random
-    tokens drawn from the batch's answers; the end-of-turn token keeps its place."""
+    tokens drawn from the batch's answers; the end-of-turn tokens keep their places."""
     labels, ids = batch["labels"][row], batch["input_ids"][row]
-    spots = (labels != -100).nonzero().flatten()[:-1]
-    words = batch["labels"][batch["labels"] != -100].unique()  # the answers' own token ids
+    supervised = (labels != -100).nonzero().flatten()
+    end = labels[supervised[-1]]
+    spots = supervised[labels[supervised] != end]  # every reply's end-of-turn token keeps its place
+    words = batch["labels"][batch["labels"] != -100].unique()  # the answers' own token ids ...
+    words = words[words != end]  # ... but not the end-of-turn token: a wrong answer, still a well-formed chat
     pick = torch.randint(0, len(words), (len(spots),), generator=torch.Generator().manual_seed(seed))
     labels[spots] = ids[spots] = words[pick]
 
