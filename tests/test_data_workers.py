@@ -85,3 +85,27 @@ def test_collated_samples_carry_no_decoded_images(tiny_assets):
     sample = {"id": "a:1", "messages": [], "images": [object(), object()]}
     assert _without_images(sample) == {"id": "a:1", "messages": [], "n_images": 2}
     assert Collated([], {}).samples == []
+
+
+class StepSamples:
+    """The samples the core attributes to each optimizer step."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    @hookimpl
+    def pre_step(self, state):
+        self.by_step[state.step] = list(state.samples)
+
+
+def test_each_step_knows_its_samples_with_workers_and_evaluation_in_between(tmp_path, tiny_assets):
+    probe = StepSamples()
+    result, _ = run_guarded(tmp_path, tiny_assets, probe, enabled=("nonfinite",),
+                            training={"max_steps": 6, "dataloader_num_workers": 2, "eval_strategy": "steps",
+                                      "eval_steps": 2, "per_device_eval_batch_size": 2},
+                            data={"val": str(tiny_assets["val"])})
+    assert result.ok and sorted(probe.by_step) == [1, 2, 3, 4, 5, 6]
+    trained = [i for ids in probe.by_step.values() for i in ids]
+    assert all(len(ids) == 1 for ids in probe.by_step.values()), "batch size 1: one sample a step"
+    train_ids = {f"{tiny_assets['train']}:{n}" for n in range(1, 7)}
+    assert set(trained) == train_ids, "every training row once; no evaluation sample counted as trained"
