@@ -102,6 +102,8 @@ def main(model_dir: str, train: str, out_dir: str, scenario: str = "faults") -> 
               "skipped_steps": result.skipped_steps, "verdicts": probe.verdicts, "digests": probe.digests,
               "lrs": probe.lrs, "events": [(e["kind"], e["guard"], e["step"]) for e in events]}
     (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    torch.distributed.barrier()  # left open, gloo's threads can abort the process at exit
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -146,6 +146,12 @@ def engine_checks() -> dict:
     return out
 
 
+def close_process_group() -> None:
+    """Left open, gloo's threads can abort the process at exit ("terminate called without an active exception")."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def main(model_dir: str, train: str, out_dir: str, name: str) -> None:
     torch.set_num_threads(1)
     if name == "engine":
@@ -170,6 +176,7 @@ def main(model_dir: str, train: str, out_dir: str, name: str) -> None:
               "norms": probe.norms, "full_norms": probe.full_norms, "sharded": probe.sharded, "lrs": probe.lrs,
               "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events]}
     (out / f"rank{rank}_{name}.json").write_text(json.dumps(report, indent=1))
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def command(recipe, resume):
     except HookError as exc:
         click.echo(f"stabguard: a plugin failed: {exc}", err=True)
         raise SystemExit(EXIT_CRASHED) from None
+    close_process_group()
     if not result.ok:
         word = {"crash": "a plugin failed", "refused": "refused"}.get(result.error, "STOPPED")
         click.echo(f"stabguard: {word} at {result.stop_reason}", err=True)
@@ -48,6 +49,14 @@ def command(recipe, resume):
         raise SystemExit({"crash": EXIT_CRASHED, "refused": EXIT_GUARD}.get(result.error, EXIT_STOPPED))
     click.echo(f"stabguard: done: {result.global_step} steps ({result.skipped_steps} skipped); "
                f"outputs in {result.output_dir}")
+
+
+def close_process_group() -> None:
+    """Under torchrun/accelerate: left open, the backend's threads can abort the process at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def saved_state(result) -> str:
