@@ -147,9 +147,12 @@ def engine_checks() -> dict:
 
 
 def close_process_group() -> None:
-    """Left open, gloo's threads can abort the process at exit ("terminate called without an active exception")."""
+    """Both ranks have written their report; end without the interpreter's teardown, where gloo's threads
+    sometimes abort a finished rank ("terminate called without an active exception", seen under tox)."""
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(model_dir: str, train: str, out_dir: str, name: str) -> None:
@@ -158,8 +161,7 @@ def main(model_dir: str, train: str, out_dir: str, name: str) -> None:
         torch.distributed.init_process_group("gloo")
         report = engine_checks()
         Path(out_dir, f"rank{os.environ['RANK']}_engine.json").write_text(json.dumps(report, indent=1))
-        torch.distributed.destroy_process_group()
-        return
+        close_process_group()
     lift_cpu_gate()
     rank, out = int(os.environ["RANK"]), Path(out_dir)
     faults, training, resume = scenario(name, out)
