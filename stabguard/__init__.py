@@ -22,12 +22,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 
 __all__ = [
     "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "StepState",
-    "Verdict", "hookimpl", "load_recipe", "run",
+    "Verdict", "guarded", "hookimpl", "load_recipe", "run",
 ]
 
 _LAZY = {
     "GuardTrainer": "stabguard.trainer",
     "StepState": "stabguard.trainer",
+    "guarded": "stabguard.trainer",
     "load_recipe": "stabguard.recipe",
     "run": "stabguard.runner",
 }

@@ -9,6 +9,7 @@ state and ends the loop. Every check lives in a plugin.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
 GUARD_STATE_FILE = "stabguard_state.json"
 COLLATED_KEY, VERDICT_KEY = "stabguard_collated", "stabguard_verdict"  # ride with each collated batch
 
-__all__ = ["GUARD_STATE_FILE", "GuardTrainer", "StepState"]
+__all__ = ["GUARD_STATE_FILE", "GuardTrainer", "GuardedTrainer", "StepState", "guarded"]
 
 
 class _GuardedCollator:
@@ -113,19 +114,33 @@ class _HookCallback(TrainerCallback):
         t.call_after_step(t.plugins.hook.on_train_end, state=t.last_step, reason=t.stop_reason)
 
 
-class GuardTrainer(transformers.Trainer):
-    """``transformers.Trainer`` that runs stabguard's guarded step and applies the guards' verdicts.
+PYTHON_GUARDS = ("mask", "grad_norm", "nonfinite", "spike")  # what guarded(...) enables when given no plugins
 
-    :param plugins: a :class:`~stabguard.manager.Plugins` with the run's guards enabled.
-    :param events: the run's :class:`~stabguard.events.EventLog`.
+
+class GuardedTrainer:
+    """The guarded step for any ``transformers.Trainer`` subclass; use :func:`guarded` to apply it.
+
+    :param plugins: a :class:`~stabguard.manager.Plugins` with the run's guards enabled; None: the
+        built-in guards named in ``guards`` (default: mask, grad_norm, nonfinite, spike), with
+        ``setup_model`` fired on the trainer's model and processing class.
+    :param events: the run's :class:`~stabguard.events.EventLog`; None: ``<output_dir>/events.jsonl``.
+    :param guards: ``{name: {option: value}}`` for the guards to enable when ``plugins`` is None.
     :param max_consecutive_skips: dropped steps in a row (any guard) before the core stops the run.
     :param snapshot_every: optimizer steps between verified snapshots (0: none; a STOP then saves the
         current, unverified state).
     :param snapshot_offload: keep the snapshot in CPU memory.
     """
 
-    def __init__(self, *args, plugins, events, max_consecutive_skips: int = 20, snapshot_every: int = 1,
-                 snapshot_offload: bool = False, **kwargs):
+    def __init__(self, *args, plugins=None, events=None, guards: dict | None = None,
+                 max_consecutive_skips: int = 20, snapshot_every: int = 1, snapshot_offload: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        own_plugins = plugins is None
+        if own_plugins:
+            plugins = plugins_for(guards)
+        if events is None:
+            from stabguard.events import EventLog
+
+            events = EventLog(seams.output_dir(self) / "events.jsonl")
         self.plugins, self.events = plugins, events
         self.guarded = GuardedStep(plugins, events, max_consecutive_skips=max_consecutive_skips,
                                    snapshot_every=snapshot_every, snapshot_offload=snapshot_offload)
@@ -135,9 +150,9 @@ class GuardTrainer(transformers.Trainer):
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._loss_at_step_start: torch.Tensor | None = None
         self._stop_checkpoint: dict | None = None  # what a STOP's checkpoint holds besides the weights
-        if kwargs.get("data_collator") is not None:
-            kwargs["data_collator"] = _GuardedCollator(kwargs["data_collator"], plugins, events, self.guarded.failed)
-        super().__init__(*args, **kwargs)
+        # Wrapped after the Trainer's own __init__: subclasses (TRL's SFTTrainer) build their collator there.
+        if self.data_collator is not None and not isinstance(self.data_collator, _GuardedCollator):
+            self.data_collator = _GuardedCollator(self.data_collator, plugins, events, self.guarded.failed)
         if self.is_deepspeed_enabled:
             # DeepSpeed applies the update inside backward (accelerate calls engine.step() there) and keeps
             # gradients out of p.grad: a veto here would come after the update (docs/design-notes.md).
@@ -150,6 +165,8 @@ class GuardTrainer(transformers.Trainer):
         # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
         self.args.logging_nan_inf_filter = False
         self.add_callback(_HookCallback(self))
+        if own_plugins:
+            plugins.hook.setup_model(model=self.model, processor=self.processing_class, recipe=None, events=events)
 
     @property
     def skipped_steps(self) -> int:
@@ -325,3 +342,26 @@ class GuardTrainer(transformers.Trainer):
             load_plugin_states(self.plugins, saved.get("plugins", {}))
             self.events.record("core", "info", f"guard state restored from {path}",
                                resumed_from=str(resume_from_checkpoint), previous_run=saved.get("run"))
+
+
+def plugins_for(guards: dict | None):
+    """The built-in guards named in ``guards`` (default: PYTHON_GUARDS), options validated by name."""
+    from stabguard.manager import Plugins
+    from stabguard.recipe import check_guards
+
+    guards = {name: {} for name in PYTHON_GUARDS} if guards is None else guards
+    plugins = Plugins.for_recipe(autoload=False)
+    options, errors = check_guards(guards, plugins.guard_options(), off_unless_named=set(plugins.guards))
+    if errors:
+        raise ValueError("; ".join(f"{key}: {message}" for key, message in errors))
+    plugins.enable_guards(options)
+    return plugins
+
+
+@functools.cache
+def guarded(trainer_class: type) -> type:
+    """``trainer_class`` with stabguard's guarded step: ``guarded(SFTTrainer)(..., guards={...})``."""
+    return type(f"Guarded{trainer_class.__name__}", (GuardedTrainer, trainer_class), {"__module__": __name__})
+
+
+GuardTrainer = guarded(transformers.Trainer)
