@@ -112,6 +112,8 @@ class _HookCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         t = self.trainer
         t.call_after_step(t.plugins.hook.on_train_end, state=t.last_step, reason=t.stop_reason)
+        if t.events.echo is not None:
+            t.events.echo.flush()  # the "N more like the above" line of a repeated decision
 
 
 PYTHON_GUARDS = ("mask", "grad_norm", "nonfinite", "spike")  # what guarded(...) enables when given no plugins
@@ -137,10 +139,15 @@ class GuardedTrainer:
         own_plugins = plugins is None
         if own_plugins:
             plugins = plugins_for(guards)
-        if events is None:
+        own_events = events is None
+        if own_events:  # as stabguard run makes it: decisions on the console, alerts to on_alert
+            from stabguard.console import ConsoleEcho, quiet_log_dicts
             from stabguard.events import EventLog
 
-            events = EventLog(seams.output_dir(self) / "events.jsonl")
+            echo = ConsoleEcho() if self.is_world_process_zero() else None
+            events = EventLog(seams.output_dir(self) / "events.jsonl", echo=echo, rank=self.args.process_index,
+                              on_alert=lambda alert: plugins.hook.on_alert(alert=alert))
+            quiet_log_dicts(self)
         self.plugins, self.events = plugins, events
         self.guarded = GuardedStep(plugins, events, max_consecutive_skips=max_consecutive_skips,
                                    snapshot_every=snapshot_every, snapshot_offload=snapshot_offload)

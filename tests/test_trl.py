@@ -49,7 +49,7 @@ def sft_trainer(tmp_path, tiny_assets, **guard_kwargs):
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), **guard_kwargs)
 
 
-def test_a_nan_gradient_in_sft_trainer_is_skipped_and_the_weights_stay_finite(tmp_path, tiny_assets):
+def test_a_nan_gradient_in_sft_trainer_is_skipped_and_the_weights_stay_finite(tmp_path, tiny_assets, capfd):
     probe = StepProbe()
     plugins = guard_plugins(GradFault(at={2}, value=float("nan")), probe, guards=("nonfinite", "grad_norm"))
     plugins.enable_guards({})  # stabguard run enables them from the recipe
@@ -63,6 +63,7 @@ def test_a_nan_gradient_in_sft_trainer_is_skipped_and_the_weights_stay_finite(tm
     (skip,) = trainer.events.of_kind("skip")
     assert skip["guard"] == "nonfinite" and skip["step"] == 2
     assert (tmp_path / "out" / "events.jsonl").exists()
+    assert "nonfinite skip  step 2 skipped" in capfd.readouterr().err, "the decision on the console, as in a run"
 
 
 def test_the_mask_guard_reports_the_prompt_tokens_sft_trainer_supervises(tmp_path, tiny_assets):
