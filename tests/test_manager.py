@@ -184,6 +184,7 @@ def test_entry_point_plugins_are_announced_with_package_and_version(third_party,
 
     plugins = Plugins.for_recipe()
     found = announce_entry_points(plugins, enabled=["nonfinite"])
-    assert found == [{"plugin": "counting", "package": "sg-thirdparty 1.2.3", "guards": {"counting": False}}]
+    ours = [f for f in found if f["plugin"] == "counting"]  # the environment may hold others (the example)
+    assert ours == [{"plugin": "counting", "package": "sg-thirdparty 1.2.3", "guards": {"counting": False}}]
     assert ("stabguard: plugin counting from sg-thirdparty 1.2.3 (entry point); guards: counting off "
             "(no [guards.counting] in the recipe)") in capsys.readouterr().err
