@@ -112,6 +112,8 @@ class Optim8bitGuard:
             return
         self.reported = True
         n_bytes, n_params = state_bytes(self.optimizer)
+        if not n_params:  # DeepSpeed ZeRO-3 empties the parameters it partitions: no per-parameter figure
+            return
         events.record(NAME, "info", f"optimizer state: {n_bytes / max(n_params, 1):.2f} bytes per trainable "
                       f"parameter ({n_bytes / 2**20:.1f} MiB for {n_params:,}){self._why_32bit(n_params)}",
                       step=state.step, state_bytes=n_bytes, trainable_params=n_params, console=True)

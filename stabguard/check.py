@@ -311,7 +311,7 @@ def check_memory(recipe, config, weights, trainable, gpu_mem: float, report: Rep
     report.memory = memory = estimate_memory(recipe, config, weights, trainable, gpu_mem, world_size)
     details = [f"{x['what']}: {x['arithmetic']} = {x['gib']:.2f} GiB" for x in memory["lines"]]
     total = memory["total_gib"]
-    ranks = f", FSDP2 over {world_size} ranks" if memory["sharded"] else ""
+    ranks = f", {memory['sharding']} over {world_size} ranks" if memory["sharded"] else ""
     summary = (f"about {total:.1f} GiB per GPU (batch {memory['batch']} x {memory['seq']} tokens{ranks}) against "
                f"--gpu-mem {gpu_mem:g} GiB")
     if total > gpu_mem:
@@ -364,14 +364,14 @@ def check_engine(training: dict, quantization, guards: dict, data_train: str | N
         report.add("engine", "ok", f"{engine_of(training)}: no known engine pitfall in this recipe")
 
 
-def _refused_engine(recipe_path, report: Report) -> None:
+def _deepspeed_of_invalid_recipe(recipe_path, report: Report) -> None:
     """An invalid recipe that asks for DeepSpeed still learns what its DeepSpeed config would run into."""
     from stabguard.engine_check import deepspeed_config, deepspeed_findings
     from stabguard.recipe import read_toml
 
     training = read_toml(recipe_path).get("training") or {}
     if isinstance(training, dict) and training.get("deepspeed"):
-        for level, message in deepspeed_findings(deepspeed_config(training["deepspeed"]), training)[1:]:
+        for level, message in deepspeed_findings(deepspeed_config(training["deepspeed"]), training):
             report.add("engine", level, message)
 
 
@@ -389,7 +389,7 @@ def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64,
     except RecipeError as exc:
         report.recipe_invalid = True
         report.add("recipe", "error", f"{len(exc.errors)} error(s)", [f"{k}: {m}" for k, m in exc.errors])
-        _refused_engine(recipe_path, report)
+        _deepspeed_of_invalid_recipe(recipe_path, report)
         return report
     enabled = plugins.enable_guards(recipe.guards)
     report.add("recipe", "ok", f"valid; guards: {', '.join(enabled) or 'none'}")

@@ -5,12 +5,20 @@ Single device and DDP keep every gradient as a whole tensor on every rank: one f
 each parameter and gradient as a DTensor whose local shard is this rank's slice; the norm of the
 local shards is partial, so the shards' norms are reduced in one collective per device mesh (one in
 practice) and every rank gets the same value. Clipping and snapshots then act on the local shards
-in place: no gather, no communication. DeepSpeed is refused (see ``stabguard.trainer``).
+in place: no gather, no communication. DeepSpeed ZeRO keeps its gradients in its own partitions and
+steps inside ``backward``: :mod:`stabguard.zero` has its engine.
+
+:class:`TorchEngine` is what the guarded step calls for the first three; ``stabguard.zero.ZeroEngine``
+has the same methods for DeepSpeed.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+
+from stabguard import seams
 
 try:
     from torch.distributed.tensor import DTensor
@@ -104,3 +112,60 @@ class Kept:
             return fresh
         mesh, placements, shape, stride = self.layout
         return DTensor.from_local(fresh, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+class TorchEngine:
+    """The guarded step's actions on gradients in ``p.grad``: single device, DDP and FSDP2."""
+
+    def grad_norm(self, model) -> torch.Tensor:
+        return grad_norm([p for p in model.parameters() if p.grad is not None])
+
+    def clip(self, model, max_norm, norm) -> None:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if params:
+            clip_with_norm(params, max_norm, norm)
+
+    def proceed(self, optimizer) -> None:
+        seams.mark_step_skipped(optimizer, False)
+
+    def drop(self, model, optimizer) -> None:
+        """No gradients, and the coming ``optimizer.step()`` is a no-op that holds the LR scheduler."""
+        for p in model.parameters():
+            p.grad = None
+        seams.mark_step_skipped(optimizer, True)
+
+    def snapshot(self, step: int, model, optimizer, offload: bool, guard_state) -> Snapshot:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return Snapshot(step, trainable, optimizer, offload, guard_state)
+
+
+class Snapshot:
+    """Copies of the trainable parameters and their optimizer state as they were after ``step``, and the
+    guards' state of that moment (written into the checkpoint if the run stops). Under FSDP2 each rank
+    keeps and restores its own shards: every rank restores at the same agreed verdict."""
+
+    def __init__(self, step: int, params: list[torch.Tensor], optimizer, offload: bool, guard_state=None):
+        self.step, self.guard_state = step, guard_state or {}
+        self.params = [(p, Kept(p, offload)) for p in params]
+        self.optim = {p: {k: keep(v, offload) for k, v in optimizer.state[p].items()}
+                      for p in params if p in optimizer.state}
+
+    @torch.no_grad()
+    def restore(self, optimizer) -> None:
+        for p, saved in self.params:
+            saved.into(p)
+            if p in self.optim:
+                optimizer.state[p] = put_back(optimizer.state.get(p, {}), self.optim[p])
+            else:  # no state yet at snapshot time: the optimizer starts it afresh, as it did then
+                optimizer.state.pop(p, None)
+
+
+def keep(value, offload: bool):
+    return Kept(value, offload) if torch.is_tensor(value) else copy.deepcopy(value)
+
+
+def put_back(live: dict, saved: dict) -> dict:
+    """Saved optimizer state, copied into the live tensors where they still fit (paged or quantized
+    state keeps its storage), as fresh copies where not."""
+    return {key: value.into(live.get(key)) if isinstance(value, Kept) else copy.deepcopy(value)
+            for key, value in saved.items()}

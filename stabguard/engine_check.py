@@ -6,6 +6,7 @@ Each check reads only the recipe (and the DeepSpeed JSON or the data file it nam
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ def findings(recipe_training: dict[str, Any], quantization, guards: dict, data_t
     if engine == "fsdp2":
         out += fsdp_findings(recipe_training, quantization, guards)
     if engine == "deepspeed":
-        out += deepspeed_findings(deepspeed_config(recipe_training["deepspeed"]), recipe_training)
+        out += deepspeed_findings(deepspeed_config(recipe_training["deepspeed"]), recipe_training, guards)
     if engine != "single/ddp" and _sharded_modules(engine, recipe_training) and data_train:
         images, text_only = modality_mix(data_train, rows)
         if images and text_only:
@@ -71,32 +72,52 @@ def fsdp_findings(training: dict, quantization, guards: dict) -> list[tuple[str,
     return out
 
 
-def deepspeed_config(value: Any) -> dict:
+def read_deepspeed_config(value: Any) -> dict:
+    """``training.deepspeed``: an inline table, or the path of a DeepSpeed JSON config (ValueError naming it)."""
     if isinstance(value, dict):
         return value
     try:
-        return json.loads(Path(value).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = json.loads(Path(value).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{value}: cannot read the DeepSpeed config ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ValueError(f"{value}: not a JSON DeepSpeed config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{value}: a DeepSpeed config is a JSON object, not {type(config).__name__}")
+    return config
+
+
+def deepspeed_config(value: Any) -> dict:
+    """The DeepSpeed config, or {} when it cannot be read (recipe validation names that error)."""
+    try:
+        return read_deepspeed_config(value)
+    except ValueError:
         return {}
 
 
-def deepspeed_findings(config: dict, training: dict) -> list[tuple[str, str]]:
-    """Why DeepSpeed is refused, and the failures its configs run into with Qwen-VL."""
+def deepspeed_findings(config: dict, training: dict, guards: dict | None = None) -> list[tuple[str, str]]:
+    """The failures DeepSpeed configs run into with Qwen-VL, and what the guarded step needs."""
     zero = config.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    out = [("error", "DeepSpeed: stabguard cannot veto its update yet (accelerate runs engine.step() inside "
-            "backward); fix: FSDP2, training.fsdp = true with fsdp_config = { version = 2 }")]
+    stage = zero.get("stage", 0)
+    out = []
+    if importlib.util.find_spec("deepspeed") is None:
+        out.append(("error", "DeepSpeed is not installed; fix: pip install 'stabguard[deepspeed]'"))
+    if stage not in (1, 2, 3):
+        out.append(("error", f"zero_optimization.stage {stage!r}: stabguard guards ZeRO-1/2/3 only; fix: stage 1, "
+                    "2 or 3, or DDP (no training.deepspeed)"))
     if stage == 2 and zero.get("overlap_comm"):
         out.append(("error", "ZeRO-2 with overlap_comm gives grad_norm nan, loss 0 on Qwen2-VL/2.5-VL LoRA "
                     "(DeepSpeed#5347); fix: zero_optimization.overlap_comm = false"))
-    bf16_config = config.get("bf16", {})
-    bf16 = training.get("bf16") or bf16_config.get("enabled") in (True, "auto")
-    if bf16 and stage == 3:
-        out.append(("warn", "ZeRO-3 checks gradient overflow only in fp16 (deepspeed/runtime/zero/stage3.py): "
-                    "in bf16 a NaN/Inf gradient may be applied"))
-    elif bf16 and stage in (1, 2) and bf16_config.get("check_grad_overflow") is False:
-        out.append(("warn", f"ZeRO-{stage} in bf16 with bf16.check_grad_overflow = false applies NaN/Inf gradients; "
-                    "fix: remove it (true is the default since DeepSpeed 0.19.3)"))
+    nonfinite = (guards or {}).get("nonfinite")
+    if nonfinite is not None and not nonfinite.enabled:
+        out.append(("warn", "guards.nonfinite is off: ZeRO-3 in bf16 does not check gradient overflow "
+                    "(stage3.py checks only fp16) and ZeRO-1/2 only with bf16.check_grad_overflow; fix: "
+                    "[guards.nonfinite] enabled = true (its veto holds on every stage)"))
+    offloads = [zero.get(key, {}).get("device") for key in ("offload_optimizer", "offload_param")]
+    if "nvme" in offloads:
+        out.append(("warn", "offload to nvme: stabguard's snapshots copy the ZeRO partitions in memory and "
+                    "were not run with partitions swapped out to NVMe; fix: offload to \"cpu\", or "
+                    "[snapshots] every = 0 (no rollback)"))
     return out
 
 

@@ -136,8 +136,9 @@ def activation_lines(out: Arithmetic, text, b: int, seq: int, a: int, checkpoint
 def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str, int], gpu_mem: float,
                     world_size: int = 1) -> dict:
     """GPU memory of one rank: weights, trainable state, activations, logits, CUDA context; arithmetic shown.
-    Under FSDP2 (``training.fsdp``) weights, gradients and optimizer state are split over ``world_size``
-    ranks, plus the one layer being gathered (and the next, prefetched)."""
+    Under FSDP2 and ZeRO-3 weights, gradients and optimizer state are split over ``world_size`` ranks,
+    plus the one layer being gathered (and the next, prefetched); under ZeRO-1/2 the trainable state only
+    (ZeRO-1 keeps whole gradients: a little more than shown)."""
     t, q, wd = training_args_view(recipe), recipe.quantization, weight_dtype(recipe, config)
     a = 2 if (t.bf16 or t.fp16 or DTYPE_BYTES[wd] == 2 or (q.load_in_4bit and q.compute_dtype != "float32")) else 4
     b, seq = t.per_device_train_batch_size, recipe.data.max_length or 2048
@@ -145,27 +146,49 @@ def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str
     checkpointing = bool(t.gradient_checkpointing or getattr(t, "activation_checkpointing", False) or fsdp_own)
     out = Arithmetic()
     weight_lines(out, q, weights, wd)
+    n_weight_lines = len(out)
     trainable_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"))
     snapshot_lines(out, trainable, DTYPE_BYTES[wd], _enabled(recipe, "optim8bit"), recipe.snapshots)
-    sharded = bool(recipe.training.get("fsdp")) and world_size > 1
-    if sharded:  # the snapshot too: each rank copies its own shards
-        shard_lines(out, world_size, getattr(config, "text_config", config), weights, DTYPE_BYTES[wd])
+    sharding = sharding_of(recipe.training) if world_size > 1 else None
+    text = getattr(config, "text_config", config)
+    if sharding in ("FSDP2", "ZeRO-3"):  # the snapshot too: each rank copies its own shards
+        shard_lines(out, world_size, sharding, text, weights, DTYPE_BYTES[wd])
+    elif sharding:  # ZeRO-1/2: every rank holds the weights; the trainable state (and its snapshot) is split
+        split_lines(out[n_weight_lines:], world_size, sharding)
+    sharded = sharding is not None
     activation_lines(out, getattr(config, "text_config", config), b, seq, a, checkpointing)
     out.add("CUDA context and workspace", "a fixed allowance", GiB)
     total = round(sum(x["gib"] for x in out), 2)
     return {"lines": list(out), "total_gib": total, "gpu_mem_gib": gpu_mem, "batch": b, "seq": seq,
-            "checkpointing": checkpointing, "world_size": world_size, "sharded": sharded}
+            "checkpointing": checkpointing, "world_size": world_size, "sharded": sharded, "sharding": sharding}
 
 
-def shard_lines(out: Arithmetic, world_size: int, text, weights: dict[str, int], wb: int) -> None:
-    """FSDP2: every weight and trainable-state line so far is split over the ranks; two decoder layers
-    (the one computing, the next prefetched) are gathered whole."""
-    for line in out:
-        line["what"] += f", 1/{world_size} per rank (FSDP2)"
+def sharding_of(training: dict) -> str | None:
+    """How the engine splits memory over ranks: "FSDP2", "ZeRO-1/2/3", or None (single device, DDP)."""
+    from stabguard.engine_check import deepspeed_config
+
+    if training.get("fsdp"):
+        return "FSDP2"
+    if training.get("deepspeed"):
+        stage = deepspeed_config(training["deepspeed"]).get("zero_optimization", {}).get("stage", 0)
+        return f"ZeRO-{stage}" if stage in (1, 2, 3) else None
+    return None
+
+
+def split_lines(lines: list[dict], world_size: int, sharding: str) -> None:
+    for line in lines:
+        line["what"] += f", 1/{world_size} per rank ({sharding})"
         line["arithmetic"] = f"({line['arithmetic']}) / {world_size}"
         line["gib"] = round(line["gib"] / world_size, 3)
+
+
+def shard_lines(out: Arithmetic, world_size: int, sharding: str, text, weights: dict[str, int], wb: int) -> None:
+    """FSDP2, ZeRO-3: every weight and trainable-state line so far is split over the ranks; two decoder
+    layers (the one computing, the next prefetched) are gathered whole."""
+    split_lines(out, world_size, sharding)
     per_layer = sum(weights.values()) / max(1, text.num_hidden_layers)
-    out.add("FSDP2: two layers gathered (computing + prefetched)", f"2 x {per_layer:,.0f} x {wb} B", 2 * per_layer * wb)
+    out.add(f"{sharding}: two layers gathered (computing + prefetched)", f"2 x {per_layer:,.0f} x {wb} B",
+            2 * per_layer * wb)
 
 
 def _enabled(recipe, guard: str) -> bool:

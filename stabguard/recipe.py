@@ -244,12 +244,23 @@ def check_training(training: Any) -> list[tuple[str, str]]:
 
 
 def check_engine(training: dict[str, Any]) -> list[tuple[str, str]]:
-    """The engines GuardTrainer runs: single device, DDP and FSDP2 (``fsdp`` + ``fsdp_config.version = 2``)."""
+    """The engines GuardTrainer runs: single device, DDP, FSDP2 (``fsdp`` + ``fsdp_config.version = 2``) and
+    DeepSpeed ZeRO-1/2/3 (``deepspeed``: an inline table or a JSON file)."""
+    from stabguard.engine_check import read_deepspeed_config
+
     errors = []
     if training.get("deepspeed"):
-        errors.append(("training.deepspeed", "DeepSpeed is not supported by stabguard run yet (its engine applies "
-                       "the update inside backward, before a guard could veto it); use FSDP2: fsdp = true, "
-                       "fsdp_config = { version = 2 } (recipes/pcb_qwen3vl_fsdp2.toml)"))
+        try:
+            stage = read_deepspeed_config(training["deepspeed"]).get("zero_optimization", {}).get("stage", 0)
+        except ValueError as exc:
+            errors.append(("training.deepspeed", str(exc)))
+        else:
+            if stage not in (1, 2, 3):
+                errors.append(("training.deepspeed.zero_optimization.stage",
+                               f"{stage!r}: stabguard guards ZeRO stages 1, 2 and 3 (it vetoes through the ZeRO "
+                               f"optimizer); for no ZeRO use DDP (drop training.deepspeed)"))
+        if training.get("fsdp"):
+            errors.append(("training.fsdp", "FSDP and DeepSpeed together: choose one"))
     config = training.get("fsdp_config") or {}
     if training.get("fsdp") and isinstance(config, dict) and int(config.get("version", 2)) != 2:
         errors.append(("training.fsdp_config.version", "FSDP1 is not supported (it flattens parameters); "

@@ -17,7 +17,8 @@ SEAMS = [
                                                 "the guarded step runs here"),
     ("transformers.Trainer", "_get_grad_norm", "overridden: reached instead when max_grad_norm == 0"),
     ("transformers.Trainer", "_save_checkpoint", "overridden: guard state is written into every checkpoint"),
-    ("transformers.Trainer", "_load_from_checkpoint", "overridden: guard state is read back on resume"),
+    ("transformers.Trainer", "_load_optimizer_and_scheduler", "overridden: guard state is read back on resume "
+                                                              "(every engine, DeepSpeed included, comes here)"),
     ("transformers.Trainer", "_get_output_dir", "where checkpoints go"),
     ("transformers.Trainer", "_tr_loss", "the on-device loss sum since the last log line; a dropped step's "
                                          "loss is taken back out"),
@@ -26,6 +27,30 @@ SEAMS = [
     ("accelerate.optimizer.AcceleratedOptimizer", "scaler", "fp16 AMP's GradScaler; a skipped step closes it"),
     ("accelerate.utils.FullyShardedDataParallelPlugin", "fsdp_version", "FSDP1 (flat parameters) is refused; "
                                                                         "FSDP2 gradients are DTensors"),
+    ("accelerate.Accelerator", "deepspeed_engine_wrapped", "replaced by stabguard.zero.GuardedEngineWrapper"),
+    ("accelerate.utils.deepspeed.DeepSpeedEngineWrapper", "backward", "mirrored by GuardedEngineWrapper.backward, "
+                                                                      "with the guarded step before engine.step()"),
+]
+
+# DeepSpeed's own (stabguard.zero), checked when DeepSpeed is installed.
+DEEPSPEED_SEAMS = [
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", name, why) for name, why in [
+        ("scaled_global_norm", "ZeRO-1/2's norm: measured before the step, then given back to it"),
+        ("check_overflow", "replaced for one step: the measured norm stands for the overflow check"),
+        ("check_grad_overflow", "turned on for one step: an infinite norm then takes the overflow path"),
+        ("clip_grad", "the guards' clip for one step"),
+        ("single_partition_of_fp32_groups", "this rank's fp32 master partitions (snapshot)"),
+        ("bit16_groups_flat", "the 16-bit weights every rank holds (snapshot)"),
+    ]
+] + [
+    ("deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3", name, why) for name, why in [
+        ("_get_norm_groups", "ZeRO-3's norm: measured before the step, then given back to it"),
+        ("clip_grad", "the guards' clip for one step"),
+        ("fp32_partitioned_groups_flat", "this rank's fp32 master partitions (snapshot)"),
+        ("fp16_partitioned_groups_flat", "this rank's 16-bit weight partitions (snapshot)"),
+        ("checkpoint_event_prologue", "partitions every parameter before a restore"),
+        ("checkpoint_event_epilogue", "re-gathers the persistent parameters after a restore"),
+    ]
 ]
 
 
@@ -47,6 +72,15 @@ def fsdp_version(accelerator) -> int | None:
     """1 or 2 when the accelerator runs FSDP, else None."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     return None if plugin is None else getattr(plugin, "fsdp_version", 1)
+
+
+def deepspeed_engine_wrapper(accelerator):
+    """accelerate's wrapper of the DeepSpeed engine, whose ``backward`` also runs ``engine.step()``."""
+    return accelerator.deepspeed_engine_wrapped
+
+
+def set_deepspeed_engine_wrapper(accelerator, wrapper) -> None:
+    accelerator.deepspeed_engine_wrapped = wrapper
 
 
 def mark_step_skipped(optimizer, skipped: bool) -> None:

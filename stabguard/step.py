@@ -1,9 +1,11 @@
 """The guarded optimizer step, top to bottom: measure -> decide -> agree -> apply -> notify.
 
 ``GuardTrainer`` calls :meth:`GuardedStep.run` once per optimizer step, after the gradients of every
-micro-batch are accumulated and before ``optimizer.step()``:
+micro-batch are accumulated and before the update (``optimizer.step()``; under DeepSpeed, inside
+``backward`` before ``engine.step()``). The engine object it is given (:class:`~stabguard.engine.TorchEngine`
+or :class:`~stabguard.zero.ZeroEngine`) measures, clips, drops and snapshots where the gradients live:
 
-- **measure**: one fused pass over the gradients gives the global norm; the step's loss is the sum of
+- **measure**: one pass over the gradients gives the global norm; the step's loss is the sum of
   its micro-batch losses. Both stay on the device; ``StepState.host()`` is the one shared sync.
 - **decide**: ``post_backward``, then ``pre_step`` verdicts, plus the verdicts the data hooks gave for
   this step's micro-batches. A hook that raises becomes a STOP naming the hook, plugin, rank and samples.
@@ -21,12 +23,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stabguard import engine, seams
+from stabguard import seams
+from stabguard.engine import Snapshot, TorchEngine
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
+
+if TYPE_CHECKING:
+    from stabguard.zero import ZeroEngine, ZeroSnapshot
+
+__all__ = ["GuardedStep", "Snapshot", "StepState", "agree_across_ranks", "load_plugin_states", "plugin_states"]
 
 
 @dataclass
@@ -36,7 +44,7 @@ class StepState:
     :ivar step: the optimizer step being decided, 1-based (the Trainer's ``global_step`` after it).
     :ivar grad_norm: pre-clip global L2 norm of the accumulated gradients (0-dim device tensor).
     :ivar loss: the step's loss, summed over its micro-batches (0-dim device tensor).
-    :ivar model: the model being trained.
+    :ivar model: the model being trained (under DeepSpeed, its engine: a ``torch.nn.Module`` too).
     :ivar optimizer: the optimizer (accelerate-wrapped).
     :ivar samples: ids of the samples of this step's micro-batches, in order.
     :ivar max_norm: the clip requested so far (``clip_to``), or None.
@@ -88,7 +96,7 @@ class GuardedStep:
         self.snapshot_every, self.snapshot_offload = snapshot_every, snapshot_offload
         self.skipped_steps = self.consecutive_skips = self.rollbacks = 0
         self.dropped_this_run = 0  # skipped, rolled back or stopped steps since train() started
-        self.snapshot: Snapshot | None = None
+        self.snapshot: Snapshot | ZeroSnapshot | None = None
         self.since_snapshot: dict[int, list[str]] = {}  # samples of the updates a restore would undo
         self.micro_losses: list[torch.Tensor] = []
         self.samples: list[str] = []
@@ -96,22 +104,26 @@ class GuardedStep:
 
     # -- what the micro-batches bring -------------------------------------------------------------
 
-    def add_micro_batch(self, loss: torch.Tensor, samples: list[str], verdict: Verdict | None) -> None:
-        self.micro_losses.append(loss)
+    def add_micro_batch(self, samples: list[str], verdict: Verdict | None) -> None:
+        """A micro-batch of this step: its samples and its data verdict (held until the step decides)."""
         self.samples += samples
         if verdict is not None:
             self.held.append(verdict)
 
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """The loss of a micro-batch of this step, as it went into backward."""
+        self.micro_losses.append(loss)
+
     # -- the step ----------------------------------------------------------------------------------
 
-    def run(self, trainer, model) -> StepState:
+    def run(self, trainer, model, engine: TorchEngine | ZeroEngine) -> StepState:
+        """One optimizer step; ``engine`` acts on the gradients where the training engine keeps them."""
         hook = self.plugins.hook
 
-        # Measure: one fused pass over the (fp16: unscaled) gradients; every guard reads this norm.
-        # FSDP2: the local shards' norms meet in one collective, the same value on every rank.
+        # Measure: one pass over the (fp16: unscaled) gradients; every guard reads this norm. FSDP2: the
+        # shards' norms meet in one collective; DeepSpeed: its own norm over the ZeRO partitions.
         trainer.accelerator.unscale_gradients()
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = engine.grad_norm(params)
+        grad_norm = engine.grad_norm(model)
         loss = torch.stack(self.micro_losses).sum() if self.micro_losses else torch.zeros((), device=grad_norm.device)
         state = StepState(step=trainer.state.global_step + 1, grad_norm=grad_norm, loss=loss, model=model,
                           optimizer=trainer.optimizer, samples=self.samples,
@@ -135,13 +147,14 @@ class GuardedStep:
         # Apply.
         action = state.verdict.action
         if action == Action.PROCEED:
-            self._snapshot_if_due(state)
-            if state.max_norm is not None and params:
-                engine.clip_with_norm(params, state.max_norm, grad_norm)
+            self._snapshot_if_due(state, engine)
+            if state.max_norm is not None:
+                engine.clip(model, state.max_norm, grad_norm)
             self.since_snapshot[state.step] = state.samples
-            seams.mark_step_skipped(trainer.optimizer, False)
+            engine.proceed(trainer.optimizer)
         else:
-            self._drop_update(trainer, model)
+            engine.drop(model, trainer.optimizer)  # no update; the optimizer and the LR scheduler hold
+            self.dropped_this_run += 1
         if action == Action.ROLLBACK:
             self._roll_back(state)
         if action == Action.STOP:
@@ -169,16 +182,16 @@ class GuardedStep:
         return Verdict.stop(f"{self.consecutive_skips} steps skipped in a row; last: {verdict.reason}",
                             verdict.guard or "core")
 
-    def _snapshot_if_due(self, state: StepState) -> None:
+    def _snapshot_if_due(self, state: StepState, engine) -> None:
         """The weights about to be updated produced this step's loss, which every guard just accepted."""
         if not self.snapshot_every:
             return
         if self.snapshot is not None and state.step - 1 - self.snapshot.step < self.snapshot_every:
             return
         self.snapshot = None  # free the old copy before making the new one
-        trainable = [p for p in state.model.parameters() if p.requires_grad]
         guard_state = self._after_agreement(state, lambda: copy.deepcopy(plugin_states(self.plugins)))
-        self.snapshot = Snapshot(state.step - 1, trainable, state.optimizer, self.snapshot_offload, guard_state)
+        self.snapshot = engine.snapshot(state.step - 1, state.model, state.optimizer, self.snapshot_offload,
+                                        guard_state)
         self.since_snapshot = {}
 
     def _after_agreement(self, state: StepState, call):
@@ -188,14 +201,6 @@ class GuardedStep:
         except HookError as exc:
             self.held.append(self.failed(exc, state.step, state.samples))
             return None
-
-    def _drop_update(self, trainer, model) -> None:
-        """No gradients, no optimizer step, no scheduler step; the logged loss leaves the step out."""
-        for p in model.parameters():
-            p.grad = None
-        seams.mark_step_skipped(trainer.optimizer, True)
-        trainer.take_back_step_loss()
-        self.dropped_this_run += 1
 
     def _roll_back(self, state: StepState) -> None:
         self.rollbacks += 1
@@ -228,38 +233,6 @@ class GuardedStep:
                               if state.restored_step is not None else message, step=state.step)
 
 
-class Snapshot:
-    """Copies of the trainable parameters and their optimizer state as they were after ``step``, and the
-    guards' state of that moment (written into the checkpoint if the run stops). Under FSDP2 each rank
-    keeps and restores its own shards: every rank restores at the same agreed verdict."""
-
-    def __init__(self, step: int, params: list[torch.Tensor], optimizer, offload: bool, guard_state=None):
-        self.step, self.guard_state = step, guard_state or {}
-        self.params = [(p, engine.Kept(p, offload)) for p in params]
-        self.optim = {p: {k: _keep(v, offload) for k, v in optimizer.state[p].items()}
-                      for p in params if p in optimizer.state}
-
-    @torch.no_grad()
-    def restore(self, optimizer) -> None:
-        for p, saved in self.params:
-            saved.into(p)
-            if p in self.optim:
-                optimizer.state[p] = _put_back(optimizer.state.get(p, {}), self.optim[p])
-            else:  # no state yet at snapshot time: the optimizer starts it afresh, as it did then
-                optimizer.state.pop(p, None)
-
-
-def _keep(value, offload: bool):
-    return engine.Kept(value, offload) if torch.is_tensor(value) else copy.deepcopy(value)
-
-
-def _put_back(live: dict, saved: dict) -> dict:
-    """Saved optimizer state, copied into the live tensors where they still fit (paged or quantized
-    state keeps its storage), as fresh copies where not."""
-    return {key: value.into(live.get(key)) if isinstance(value, engine.Kept) else copy.deepcopy(value)
-            for key, value in saved.items()}
-
-
 def agree_across_ranks(verdict: Verdict) -> Verdict:
     """The most severe verdict of any rank, on every rank (a no-op outside distributed runs)."""
     dist = torch.distributed
@@ -273,7 +246,17 @@ def agree_across_ranks(verdict: Verdict) -> Verdict:
     # Rare path (a skip or a stop somewhere): gather every rank's reason so all ranks log the same one.
     everyone: list[Verdict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, verdict)
-    return combine(everyone)
+    return merge_ranks(everyone)
+
+
+def merge_ranks(everyone: list[Verdict]) -> Verdict:
+    """The most severe of the ranks' (already combined) verdicts; differing reasons are named by rank."""
+    worst = max(v.action for v in everyone)
+    top = [(rank, v) for rank, v in enumerate(everyone) if v.action == worst]
+    reasons = list(dict.fromkeys(v.reason for _, v in top))
+    reason = reasons[0] if len(reasons) == 1 else "; ".join(f"rank {rank}: {v.reason}" for rank, v in top)
+    guards = ",".join(dict.fromkeys(g for _, v in top for g in v.guard.split(",") if g))
+    return Verdict(worst, reason, guards, next((v.error for _, v in top if v.error), ""))
 
 
 def plugin_states(plugins) -> dict[str, Any]:

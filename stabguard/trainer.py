@@ -13,6 +13,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -20,8 +21,12 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from stabguard import seams
-from stabguard.step import GuardedStep, Snapshot, StepState, load_plugin_states, plugin_states
+from stabguard.engine import Snapshot, TorchEngine
+from stabguard.step import GuardedStep, StepState, load_plugin_states, plugin_states
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
+
+if TYPE_CHECKING:
+    from stabguard.zero import ZeroSnapshot
 
 GUARD_STATE_FILE = "stabguard_state.json"
 COLLATED_KEY, VERDICT_KEY = "stabguard_collated", "stabguard_verdict"  # ride with each collated batch
@@ -157,15 +162,10 @@ class GuardedTrainer:
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._loss_at_step_start: torch.Tensor | None = None
         self._stop_checkpoint: dict | None = None  # what a STOP's checkpoint holds besides the weights
+        self._engine = TorchEngine()  # single device, DDP, FSDP2; DeepSpeed: a ZeroEngine at the first step
         # Wrapped after the Trainer's own __init__: subclasses (TRL's SFTTrainer) build their collator there.
         if self.data_collator is not None and not isinstance(self.data_collator, _GuardedCollator):
             self.data_collator = _GuardedCollator(self.data_collator, plugins, events, self.guarded.failed)
-        if self.is_deepspeed_enabled:
-            # DeepSpeed applies the update inside backward (accelerate calls engine.step() there) and keeps
-            # gradients out of p.grad: a veto here would come after the update (docs/design-notes.md).
-            raise GuardError("GuardTrainer does not support DeepSpeed yet (its engine steps inside backward, before "
-                             "any guard could veto the update); use FSDP2 instead: training.fsdp = true "
-                             "with fsdp_config = { version = 2 } (see recipes/pcb_qwen3vl_fsdp2.toml)")
         if self.is_fsdp_enabled and seams.fsdp_version(self.accelerator) != 2:
             raise GuardError("GuardTrainer supports FSDP2 only (FSDP1 flattens parameters): set "
                              "fsdp_config = { version = 2 }")
@@ -208,8 +208,12 @@ class GuardedTrainer:
         samples, verdict = self._data_verdict(inputs)
         if not self.guarded.micro_losses and seams.loss_sum(self) is not None:
             self._loss_at_step_start = seams.loss_sum(self).detach().clone()
+        self.guarded.add_micro_batch(samples, verdict)
+        if self.is_deepspeed_enabled:  # the step runs inside backward: the engine wrapper adds the loss
+            self._guard_deepspeed_engine()
+            return super().training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.guarded.add_micro_batch(loss, samples, verdict)
+        self.guarded.add_loss(loss)
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
@@ -239,14 +243,35 @@ class GuardedTrainer:
         return ids, combine(verdicts) if verdicts else None
 
     def _clip_grad_norm(self, model):
-        self.last_step = self.guarded.run(self, model)
+        """Called by the Trainer once per optimizer step, before ``optimizer.step()``."""
+        if not self.is_deepspeed_enabled:  # DeepSpeed: the step already ran inside backward
+            self.last_step = self.guarded.run(self, model, self._engine)
+        step = self.last_step
         self._window_steps += 1
-        self._window_dropped += self.last_step.verdict.action != Action.PROCEED
-        return self.last_step.grad_norm
+        if step.verdict.action != Action.PROCEED:
+            self._window_dropped += 1
+            self.take_back_step_loss()  # after the Trainer added the step's last micro-batch loss
+        return step.grad_norm
 
     def _get_grad_norm(self, model, grad_norm=None):
         # Reached without _clip_grad_norm when max_grad_norm == 0: still exactly one guarded pass.
         return self._clip_grad_norm(model) if grad_norm is None else grad_norm
+
+    def _guard_deepspeed_engine(self) -> None:
+        """Put the guarded step between DeepSpeed's backward and its step (once the engine exists)."""
+        from stabguard.zero import GuardedEngineWrapper
+
+        wrapped = seams.deepspeed_engine_wrapper(self.accelerator)
+        if isinstance(wrapped, GuardedEngineWrapper):
+            return
+        try:
+            guarded_wrapper = GuardedEngineWrapper(wrapped, self.guarded, self._run_zero_step)
+        except TypeError as exc:  # ZeRO stage 0
+            raise GuardError(f"training.deepspeed: {exc}") from None
+        seams.set_deepspeed_engine_wrapper(self.accelerator, guarded_wrapper)
+
+    def _run_zero_step(self, engine, zero) -> None:
+        self.last_step = self.guarded.run(self, engine, zero)
 
     def take_back_step_loss(self) -> None:
         """A dropped step's loss leaves the Trainer's running sum (a NaN would poison every later log)."""
@@ -262,7 +287,7 @@ class GuardedTrainer:
             step = self.last_step.step if self.last_step else None
             self.guarded.held.append(self.guarded.failed(exc, step, []))
 
-    def stop(self, state: StepState, snapshot: Snapshot | None) -> None:
+    def stop(self, state: StepState, snapshot: Snapshot | ZeroSnapshot | None) -> None:
         """STOP: the last verified state (this step's update is already dropped) becomes a checkpoint."""
         self.stop_reason, self.stop_verdict = f"step {state.step}: {state.verdict.reason}", state.verdict
         if snapshot is not None:
@@ -334,9 +359,12 @@ class GuardedTrainer:
         tmp.write_text(json.dumps(guard_state, indent=1))
         os.replace(tmp, folder / GUARD_STATE_FILE)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, GUARD_STATE_FILE)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # On resume, every engine (DeepSpeed too) comes here after loading the weights.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, GUARD_STATE_FILE)
         if os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as f:
@@ -348,7 +376,7 @@ class GuardedTrainer:
             self.guarded.rollbacks = saved.get("rollbacks", 0)
             load_plugin_states(self.plugins, saved.get("plugins", {}))
             self.events.record("core", "info", f"guard state restored from {path}",
-                               resumed_from=str(resume_from_checkpoint), previous_run=saved.get("run"))
+                               resumed_from=str(checkpoint), previous_run=saved.get("run"))
 
 
 def plugins_for(guards: dict | None):

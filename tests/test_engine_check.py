@@ -34,14 +34,25 @@ def test_fsdp2_qlora_pitfalls_each_with_its_fix():
     assert findings({}, q, {"optim8bit": Optim8()}, None) == [], "single device / DDP: none of these apply"
 
 
-def test_deepspeed_overlap_comm_and_bf16_overflow(tmp_path):
+class Guard:
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+
+def test_deepspeed_pitfalls_each_with_its_fix(tmp_path):
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                        "offload_optimizer": {"device": "nvme"}},
                                   "bf16": {"enabled": True, "check_grad_overflow": False}}))
-    found = messages(findings({"deepspeed": str(config)}, QuantizationSection(), {}, None))
-    assert "fsdp = true" in found[0], "DeepSpeed itself is refused, pointing to FSDP2"
+    found = messages(findings({"deepspeed": str(config)}, QuantizationSection(), {"nonfinite": Guard(False)}, None))
     assert any("overlap_comm = false" in m for m in found)
-    assert any("check_grad_overflow" in m for m in found)
+    assert any("guards.nonfinite is off" in m and "enabled = true" in m for m in found)
+    assert any("nvme" in m and "every = 0" in m for m in found)
+    zero0 = messages(findings({"deepspeed": {"zero_optimization": {"stage": 0}}}, QuantizationSection(), {}, None))
+    assert any("ZeRO-1/2/3 only" in m and "DDP" in m for m in zero0)
+    clean = {"deepspeed": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}}
+    assert findings(clean, QuantizationSection(), {"nonfinite": Guard(True)}, None) == [], (
+        "ZeRO-3 in bf16 with the nonfinite guard on: its veto covers DeepSpeed's missing overflow check")
 
 
 def test_mixed_modality_under_sharded_engines_offers_the_fix(tmp_path, tiny_assets):
@@ -76,9 +87,28 @@ def test_check_flags_fsdp_uint8_storage_and_shards_memory_per_rank(tmp_path, tin
     assert weights(four) == round(weights(one) / 4, 3) or abs(weights(four) - weights(one) / 4) < 1e-3
 
 
-def test_check_on_a_deepspeed_recipe_is_refused_with_its_pitfalls(tmp_path, tiny_assets):
+def test_check_on_a_deepspeed_recipe_flags_its_pitfalls(tmp_path, tiny_assets):
     code, report = run_check(tmp_path, tiny_assets, training={
         "deepspeed": {"zero_optimization": {"stage": 2, "overlap_comm": True}}})
-    assert code == 2
-    assert any("use FSDP2" in d for f in report["findings"] for d in f["details"])
+    assert code == 1
     assert any(f["check"] == "engine" and "overlap_comm = false" in f["message"] for f in report["findings"])
+    code, report = run_check(tmp_path, tiny_assets, training={"deepspeed": {"zero_optimization": {"stage": 0}}})
+    assert code == 2, "stage 0 is an invalid recipe"
+    assert any("ZeRO stages 1, 2 and 3" in d for f in report["findings"] for d in f["details"])
+    assert any(f["check"] == "engine" and "ZeRO-1/2/3 only" in f["message"] for f in report["findings"]), (
+        "an invalid DeepSpeed recipe still learns its engine pitfalls")
+
+
+def test_check_splits_memory_per_rank_as_each_zero_stage_does(tmp_path, tiny_assets):
+    """The tiny model's GiB round to 0: the lines' written arithmetic says what was split."""
+    zero = lambda stage: {"deepspeed": {"zero_optimization": {"stage": stage}}}  # noqa: E731
+    line = lambda r, start: next(x for x in r["memory"]["lines"] if x["what"].startswith(start))  # noqa: E731
+    _, one = run_check(tmp_path, tiny_assets, training=zero(3))
+    _, zero3 = run_check(tmp_path, tiny_assets, "--world-size", "4", training=zero(3))
+    _, zero2 = run_check(tmp_path, tiny_assets, "--world-size", "4", training=zero(2))
+    assert zero3["memory"]["sharding"] == "ZeRO-3" and zero2["memory"]["sharding"] == "ZeRO-2"
+    assert not one["memory"]["sharded"], "one rank: nothing to split"
+    assert line(zero3, "weights")["arithmetic"].endswith(") / 4"), "ZeRO-3 partitions the weights"
+    assert "/ 4" not in line(zero2, "weights")["arithmetic"], "ZeRO-2 keeps every weight on every rank"
+    assert line(zero2, "LoRA")["arithmetic"].endswith(") / 4"), "... and splits the trainable state"
+    assert any(x["what"].startswith("ZeRO-3: two layers gathered") for x in zero3["memory"]["lines"])

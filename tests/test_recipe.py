@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,31 @@ def test_fsdp2_passes_through_and_the_unsupported_engines_are_refused_with_the_f
     recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
                                                                         tmp_path / "out", training=fsdp2)))
     assert recipe.training_arguments()["fsdp_config"] == {"version": 2, "reshard_after_forward": True}
-    bad = {"deepspeed": "ds_zero2.json", "fsdp": True, "fsdp_config": {"version": 1}}
+    bad = {"deepspeed": str(tmp_path / "ds_zero2.json"), "fsdp": True, "fsdp_config": {"version": 1}}
     errors = errors_of(write_recipe(tmp_path / "bad.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
                                                                        tmp_path / "out", training=bad)))
-    assert "use FSDP2" in errors["training.deepspeed"]
+    assert "ds_zero2.json: cannot read the DeepSpeed config" in errors["training.deepspeed"]
+    assert "choose one" in errors["training.fsdp"]
     assert "version = 2" in errors["training.fsdp_config.version"]
+
+
+@pytest.mark.parametrize("config, key, message", [
+    ({"zero_optimization": {"stage": 0}}, "training.deepspeed.zero_optimization.stage", "use DDP"),
+    ({"bf16": {"enabled": True}}, "training.deepspeed.zero_optimization.stage", "ZeRO stages 1, 2 and 3"),
+    ("[1, 2]", "training.deepspeed", "a JSON object, not list"),
+    ("{zero", "training.deepspeed", "not a JSON DeepSpeed config"),
+])
+def test_a_deepspeed_config_that_stabguard_cannot_guard_is_named(tmp_path, config, key, message):
+    if isinstance(config, str):  # a JSON file's text
+        (tmp_path / "ds.json").write_text(config)
+        config = str(tmp_path / "ds.json")
+    errors = errors_of(write_recipe(tmp_path / "bad.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
+                                                                       tmp_path / "out", training={"deepspeed": config})))
+    assert message in errors[key]
+
+
+def test_a_zero_config_file_passes_through_to_the_trainer(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe(
+        {"model": "m", "train": "t.jsonl"}, tmp_path / "out", training={"deepspeed": str(tmp_path / "ds.json")})))
+    assert recipe.training_arguments()["deepspeed"] == str(tmp_path / "ds.json")

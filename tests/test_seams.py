@@ -11,7 +11,7 @@ import inspect
 import pytest
 import transformers
 
-from stabguard.seams import SEAMS
+from stabguard.seams import DEEPSPEED_SEAMS, SEAMS
 
 
 def owner_source(owner: str) -> str:
@@ -19,8 +19,11 @@ def owner_source(owner: str) -> str:
     return inspect.getsource(getattr(importlib.import_module(module), name))
 
 
-@pytest.mark.parametrize("owner, name, why", SEAMS, ids=[f"{o.rsplit('.', 1)[-1]}.{n}" for o, n, _ in SEAMS])
+@pytest.mark.parametrize("owner, name, why", SEAMS + DEEPSPEED_SEAMS,
+                         ids=[f"{o.rsplit('.', 1)[-1]}.{n}" for o, n, _ in SEAMS + DEEPSPEED_SEAMS])
 def test_each_seam_is_still_there(owner, name, why):
+    if owner.startswith("deepspeed."):
+        pytest.importorskip("deepspeed")
     src = owner_source(owner)
     assert f"def {name}(" in src or f"self.{name}" in src, (
         f"{owner}.{name} is gone from this release (stabguard uses it: {why})")
@@ -35,7 +38,7 @@ def test_the_training_loop_still_calls_the_overridden_seams_in_order():
         assert place >= 0, f"transformers {transformers.__version__} no longer has `{line}` in its training loop"
     assert places == sorted(places), "the Trainer's step no longer runs clip -> optimizer.step -> scheduler"
     for seam in ("def _clip_grad_norm(self, model)", "def _get_grad_norm(self, model, grad_norm=None)",
-                 "def _save_checkpoint(self, model", "def _load_from_checkpoint(self, resume_from_checkpoint",
+                 "def _save_checkpoint(self, model", "def _load_optimizer_and_scheduler(self, checkpoint",
                  "def get_decay_parameter_names(self, model", "def training_step(", "def prediction_step("):
         assert seam in src, f"transformers {transformers.__version__} moved `{seam}`"
 
@@ -45,3 +48,13 @@ def test_accelerate_reads_the_skip_flag_the_step_sets():
 
     src = inspect.getsource(AcceleratedOptimizer.step_was_skipped.fget)
     assert "_is_overflow" in src, "accelerate's step_was_skipped no longer reads _is_overflow"
+
+
+def test_accelerate_still_steps_deepspeed_inside_backward_as_the_guarded_wrapper_mirrors():
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    src = inspect.getsource(DeepSpeedEngineWrapper.backward)
+    order = ["self.engine.set_gradient_accumulation_boundary(", "self.engine.backward(loss", "self.engine.step()"]
+    places = [src.find(line) for line in order]
+    assert -1 not in places and places == sorted(places), (
+        "accelerate's DeepSpeedEngineWrapper.backward changed; stabguard.zero.GuardedEngineWrapper mirrors it")

@@ -20,7 +20,8 @@ import stabguard.runner
 from stabguard import GuardError, Verdict, hookimpl
 from stabguard.cli.run import command
 from stabguard.events import read_events
-from stabguard.step import Snapshot
+from stabguard.step import Snapshot, merge_ranks
+from stabguard.verdict import Action
 
 
 def test_a_snapshot_restores_weights_and_optimizer_state_bit_for_bit():
@@ -41,6 +42,16 @@ def test_a_snapshot_restores_weights_and_optimizer_state_bit_for_bit():
     assert not same_state(state(), kept)
     snapshot.restore(optimizer)
     assert same_state(state(), kept) and len(snapshot.params) == 3, "frozen weights are not part of it"
+
+
+def test_the_ranks_verdicts_merge_without_repeating_a_guard_and_name_the_rank_when_they_differ():
+    same = Verdict(Action.SKIP, "nonfinite: non-finite gradients", "nonfinite")
+    assert merge_ranks([same, same]) == same, "one reason, as a single rank would log it"
+    other = Verdict(Action.SKIP, "spike: loss 9.1", "spike")
+    merged = merge_ranks([Verdict.proceed(), same, other])
+    assert merged.action == Action.SKIP and merged.guard == "nonfinite,spike"
+    assert merged.reason == "rank 1: nonfinite: non-finite gradients; rank 2: spike: loss 9.1"
+    assert merge_ranks([same, Verdict(Action.STOP, "core: 20 steps skipped", "core", "refused")]).error == "refused"
 
 
 def test_a_stop_saves_the_last_verified_state_and_a_resume_continues_from_it(tmp_path, tiny_assets):

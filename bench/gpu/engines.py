@@ -1,14 +1,14 @@
 """The engines on one GPU, through the Trainer, with a NaN gradient: one table. NOT RUN ON A GPU YET
 (written without one). The FSDP2 row's code was smoke-run on 2 CPU ranks with accelerate's CPU gate
-lifted and use_cpu added (SKIP at the fault step, LR held, weights finite); the DeepSpeed rows have not
-run anywhere. The FSDP2 step itself is tested on 2 CPU ranks in tests/test_fsdp.py.
+lifted and use_cpu added (SKIP at the fault step, LR held, weights finite). The guarded steps themselves
+are tested on 2 CPU ranks through the Trainer: FSDP2 in tests/test_fsdp.py, ZeRO-1/2/3 (fp32 and bf16)
+in tests/test_deepspeed.py.
 
 usage: python bench/gpu/engines.py [--out /tmp/stabguard-engines] [--steps 6] [--fault-step 3]
 
 Each row is one ``torchrun --nproc-per-node 1`` process (world size 1, bf16, the tiny Qwen3-VL):
-- fsdp2 / stabguard: ``stabguard.runner.run`` with ``fsdp = true``, ``fsdp_config.version = 2``; expected:
+- fsdp2, zero2, zero3 / stabguard: ``stabguard.runner.run`` with the engine in ``[training]``; expected:
   the fault step is SKIPped, every weight finite, the LR held for that step;
-- zero2, zero3 / stabguard: GuardTrainer must refuse DeepSpeed with a message naming FSDP2;
 - zero2, zero3 / plain Trainer: the same fault without guards, to see what DeepSpeed does with it in
   bf16 (ZeRO-3 checks overflow only in fp16; ZeRO-1/2 only with check_grad_overflow).
 Rows whose engine is missing (deepspeed not installed) say so. Exits 2 at once without a CUDA GPU.
@@ -103,13 +103,12 @@ def row(engine: str, trainer_kind: str, out: Path, steps: int, fault_step: int) 
 
     from stabguard import hookimpl
     from stabguard.manager import Plugins
-    from stabguard.verdict import GuardError
 
     out.mkdir(parents=True, exist_ok=True)
     args_dict = training(out, engine, steps)
     result = {"engine": engine, "trainer": trainer_kind, "lrs": {}, "verdicts": {}}
     fault = NanFault(fault_step)
-    if trainer_kind == "stabguard" and engine == "fsdp2":
+    if trainer_kind == "stabguard":
         from stabguard.runner import run
 
         class Probe:
@@ -130,23 +129,15 @@ def row(engine: str, trainer_kind: str, out: Path, steps: int, fault_step: int) 
         text = recipe_text(out.parent / "model", out.parent / "data" / "train.jsonl") + "[training]\n" + "\n".join(
             f"{k} = {json.dumps(v) if not isinstance(v, dict) else _inline(v)}" for k, v in args_dict.items()) + "\n"
         (out / "recipe.toml").write_text(text)
-        run_result = run(out / "recipe.toml", plugins=plugins)
-        result.update(status="ran", finite=all_finite(run_result.trainer.model), fsdp=run_result.trainer.is_fsdp_enabled)
+        trainer = run(out / "recipe.toml", plugins=plugins).trainer
+        losses = [h.get("loss") for h in trainer.state.log_history if "loss" in h]
+        result.update(status="ran", finite=all_finite(trainer.model_wrapped if trainer.is_deepspeed_enabled
+                                                      else trainer.model), last_loss=losses[-1] if losses else None)
         return result
     recipe = load_recipe_without_engine(out)
     targs = transformers.TrainingArguments(**args_dict)
     model, processor, train, collator = build(recipe)
     fault.attach(model)
-    if trainer_kind == "stabguard":
-        from stabguard.events import EventLog
-        from stabguard.trainer import GuardTrainer
-
-        try:
-            GuardTrainer(model=model, args=targs, train_dataset=train, data_collator=collator,
-                         processing_class=processor, plugins=Plugins(), events=EventLog())
-        except GuardError as exc:
-            return {**result, "status": "refused", "message": str(exc)[:120], "points_to_fsdp2": "FSDP2" in str(exc)}
-        return {**result, "status": "NOT REFUSED (bug)"}
 
     class Lr(TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):

@@ -1,0 +1,103 @@
+"""DeepSpeed ZeRO-1/2/3 on two CPU ranks (gloo, torchrun): the guarded step inside DeepSpeed's engine, for real.
+
+tests/deepspeed_worker.py runs the Trainer's own DeepSpeed path with DeepSpeed's CPU accelerator; nothing is
+imitated. Faults hit the last rank only. Each launch takes about 10 s on 2 cores (the first one also
+builds DeepSpeed's CPU communication op, about 25 s); a hang fails at the timeout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+WORKER = Path(__file__).with_name("deepspeed_worker.py")
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed, gloo"),
+]
+
+
+def launch(out: Path, stage: str, scenario: str, assets, ranks: int = 2) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           str(WORKER), stage, str(assets["model"]), str(assets["train"]), str(out), scenario]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=out)  # a hang fails here
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return [json.loads((out / f"rank{r}_{scenario}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("stage, optimizer", [
+    ("1", "DeepSpeedZeroOptimizer"), ("2", "DeepSpeedZeroOptimizer"), ("3", "DeepSpeedZeroOptimizer_Stage3"),
+    ("2-bf16", "DeepSpeedZeroOptimizer"), ("3-bf16", "DeepSpeedZeroOptimizer_Stage3"),
+])
+def test_zero_faults_on_one_rank_are_decided_alike_and_vetoed_by_the_engine(tmp_path, tiny_assets, stage, optimizer):
+    rank0, rank1 = launch(tmp_path, stage, "faults", tiny_assets)
+    for r in (rank0, rank1):
+        assert r["deepspeed"] and r["zero"] == optimizer, "the Trainer ran DeepSpeed's ZeRO optimizer"
+        assert r["ok"] and r["global_step"] == 8
+        assert r["verdicts"] == rank0["verdicts"]
+        for step, norm in r["norms"].items():  # the guards' norm is the one of the full gradients
+            full = r["full_norms"][step]
+            assert norm == rank0["norms"][step]
+            if math.isnan(full):
+                assert norm == math.inf, "DeepSpeed's norm reports a NaN gradient as infinite"
+            else:
+                assert norm == pytest.approx(full, rel=1e-4)
+        digests, lrs, counters = r["digests"], r["lrs"], r["counters"]
+        assert digests["2"] == digests["1"] and digests["4"] == digests["3"], "a veto changes no partition"
+        assert digests["7"] == digests["5"] != digests["6"], "the rollback restores this rank's step-5 partitions"
+        assert set(r["stale"].values()) == {0}, "the model reads the weights the optimizer holds, after a restore too"
+        assert lrs["3"] == lrs["2"] and lrs["5"] == lrs["4"] and lrs["8"] == lrs["7"], "a veto holds the scheduler"
+        assert counters["8"] == {"global_steps": 8, "skipped_steps": 3}, "DeepSpeed counted its own skips"
+        assert [(e[0], e[2]) for e in r["events"] if e[0] in ("skip", "rollback")] == [
+            ("skip", 2), ("skip", 4), ("rollback", 7)]
+    assert {s: v for s, v in rank0["verdicts"].items() if v != "PROCEED"} == {
+        "2": "SKIP", "4": "SKIP", "7": "ROLLBACK"}, "rank 1's NaN gradient, its NaN loss, its loss spike"
+    assert rank0["digests"]["1"] != rank1["digests"]["1"], "each rank holds its own partition"
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_zero_checkpoint_resumes_partitions_and_guard_state(tmp_path, tiny_assets, stage):
+    saved = launch(tmp_path, stage, "save", tiny_assets)
+    state4 = json.loads((tmp_path / "run" / "checkpoint-4" / "stabguard_state.json").read_text())
+    assert state4["skipped_steps"] == 1
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    resumed = launch(tmp_path, stage, "resume", tiny_assets)  # from checkpoint-2, the same fault at step 3
+    for before, after in zip(saved, resumed):
+        assert before["verdicts"]["3"] == after["verdicts"]["3"] == "SKIP"
+        assert after["digests"]["3"] == before["digests"]["3"], "partitions and optimizer state resumed bit for bit"
+        assert after["digests"]["4"] == before["digests"]["4"]
+        assert after["counters"]["4"] == before["counters"]["4"], "DeepSpeed's counters resumed"
+        assert after["skipped_steps"] == 1, "the skip count went on from the checkpoint's guard state"
+        assert any(e[0] == "info" and "guard state restored" in e[3] for e in after["events"])
+
+
+def test_zero3_stop_checkpoints_the_verified_partitions(tmp_path, tiny_assets):
+    stopped = launch(tmp_path, "3", "stop", tiny_assets)
+    guard_state = json.loads((tmp_path / "run" / "checkpoint-2" / "stabguard_state.json").read_text())
+    assert guard_state["verified_step"] == 1, "the last state a PROCEED verified: the one after step 1"
+    resumed = launch(tmp_path, "3", "after-stop", tiny_assets)
+    for r, again in zip(stopped, resumed):
+        assert not r["ok"] and r["stop_reason"].startswith("step 3")
+        assert r["digests"]["3"] == r["digests"]["1"] != r["digests"]["2"], "the STOP restored the step-1 partitions"
+        assert [(e[0], e[2]) for e in r["events"] if e[0] == "stop"] == [("stop", 3)]
+        assert again["loaded"] == r["digests"]["1"], "the STOP's checkpoint holds those partitions"
+
+
+def test_an_engine_without_a_zero_optimizer_is_refused_with_a_pointer_to_ddp():
+    """ZeRO stage 0 (DeepSpeed's plain or bf16 optimizer): recipes refuse it; GuardTrainer used directly too."""
+    from stabguard.zero import ZeroEngine
+
+    with pytest.raises(TypeError, match="ZeRO stage 0.*use DDP"):
+        ZeroEngine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
