@@ -108,6 +108,11 @@ def deepspeed_findings(config: dict, training: dict, guards: dict | None = None)
     if stage == 2 and zero.get("overlap_comm"):
         out.append(("error", "ZeRO-2 with overlap_comm gives grad_norm nan, loss 0 on Qwen2-VL/2.5-VL LoRA "
                     "(DeepSpeed#5347); fix: zero_optimization.overlap_comm = false"))
+    optim8 = (guards or {}).get("optim8bit")
+    if optim8 is not None and optim8.enabled:
+        out.append(("warn", "guards.optim8bit under DeepSpeed: bitsandbytes' AdamW8bit steps ZeRO's flat fp32 "
+                    "partitions (DeepSpeed calls it an untested optimizer); stabguard ran it on CPU only; fix: "
+                    "[guards.optim8bit] enabled = false (torch AdamW, as the ZeRO recipes do)"))
     nonfinite = (guards or {}).get("nonfinite")
     if nonfinite is not None and not nonfinite.enabled:
         out.append(("warn", "guards.nonfinite is off: ZeRO-3 in bf16 does not check gradient overflow "

@@ -45,9 +45,18 @@ def deepspeed_config(stage: int) -> dict:
 
 
 def training_for(stage: str) -> dict:
-    """STAGE is 1, 2 or 3, with "-bf16": bf16 weights (fp32 masters), as 32B runs train."""
-    zero, _, precision = stage.partition("-")
-    return {"deepspeed": deepspeed_config(int(zero)), **({"bf16": True} if precision == "bf16" else {})}
+    """STAGE is 1, 2 or 3, then options: "-bf16" bf16 weights (fp32 masters), as 32B runs train; "-ga2" two
+    micro-batches per optimizer step; "-offload" the optimizer (fp32 masters and state) in CPU memory."""
+    zero, *options = stage.split("-")
+    config = deepspeed_config(int(zero))
+    training = {"deepspeed": config}
+    if "bf16" in options:
+        training["bf16"] = True
+    if "ga2" in options:
+        training.update(gradient_accumulation_steps=2, per_device_train_batch_size=1)
+    if "offload" in options:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return training
 
 
 def digest(zero) -> str:
@@ -104,11 +113,20 @@ def stale_weights(engine) -> int:
     return stale
 
 
-def scenario(name: str, out: Path, last: int):
-    """(fault plugins, training overrides, resume)."""
+def scenario(name: str, out: Path, last: int, ga: int = 1, per_epoch: int = 1):
+    """(fault plugins, training overrides, resume). Faults count micro-batches: a step's fault hits its
+    first one. With ``ga`` micro-batches per step and ``per_epoch`` per rank and epoch, the last step of
+    an epoch may have fewer (3 per epoch, 2 per step: steps of 2, 1, 2, 1, ...)."""
     if name == "faults":
-        return ([OutputGradFault(at={2}, value=float("nan"), rank=last), LossFault(at={4}, value=float("nan"), rank=last),
-                 LossFault(at={7}, scale=50.0, rank=last)], {"max_steps": 8}, None)
+        steps_per_epoch = -(-per_epoch // ga)
+
+        def first(step: int) -> set[int]:
+            epoch, j = divmod(step - 1, steps_per_epoch)
+            return {epoch * per_epoch + j * ga + 1}
+
+        return ([OutputGradFault(at=first(2), value=float("nan"), rank=last),
+                 LossFault(at=first(4), value=float("nan"), rank=last),
+                 LossFault(at=first(7), scale=50.0 * ga, rank=last)], {"max_steps": 8}, None)
     if name == "stop":
         return [StopAt(3)], {"max_steps": 5}, None
     if name == "after-stop":
@@ -122,11 +140,15 @@ def scenario(name: str, out: Path, last: int):
 def main(stage: str, model_dir: str, train: str, out_dir: str, name: str) -> None:
     torch.set_num_threads(1)
     rank, out = int(os.environ["RANK"]), Path(out_dir)
-    faults, training, resume = scenario(name, out, last=int(os.environ["WORLD_SIZE"]) - 1)
+    engine = training_for(stage)
+    world = int(os.environ["WORLD_SIZE"])
+    rows = sum(1 for line in Path(train).read_text().splitlines() if line.strip())
+    faults, training, resume = scenario(name, out, last=world - 1, ga=engine.get("gradient_accumulation_steps", 1),
+                                        per_epoch=-(-rows // world))
     probe = ZeroProbe()
     plugins = guard_plugins(*faults, probe)
     recipe = tiny_recipe({"model": Path(model_dir), "train": Path(train)}, out / "run",
-                         training={**training_for(stage), **training}, guards={"spike": SPIKE})
+                         training={**engine, **training}, guards={"spike": SPIKE})
     result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=plugins, resume=resume)
     trainer = result.trainer
     events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info")]

@@ -40,6 +40,8 @@ def launch(out: Path, stage: str, scenario: str, assets, ranks: int = 2) -> list
 @pytest.mark.parametrize("stage, optimizer", [
     ("1", "DeepSpeedZeroOptimizer"), ("2", "DeepSpeedZeroOptimizer"), ("3", "DeepSpeedZeroOptimizer_Stage3"),
     ("2-bf16", "DeepSpeedZeroOptimizer"), ("3-bf16", "DeepSpeedZeroOptimizer_Stage3"),
+    ("3-bf16-ga2", "DeepSpeedZeroOptimizer_Stage3"),  # 2 micro-batches per step: the step at the boundary only
+    ("2-bf16-offload", "DeepSpeedZeroOptimizer"),  # fp32 masters and optimizer state in CPU memory
 ])
 def test_zero_faults_on_one_rank_are_decided_alike_and_vetoed_by_the_engine(tmp_path, tiny_assets, stage, optimizer):
     rank0, rank1 = launch(tmp_path, stage, "faults", tiny_assets)

@@ -44,7 +44,9 @@ def test_deepspeed_pitfalls_each_with_its_fix(tmp_path):
     config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
                                                         "offload_optimizer": {"device": "nvme"}},
                                   "bf16": {"enabled": True, "check_grad_overflow": False}}))
-    found = messages(findings({"deepspeed": str(config)}, QuantizationSection(), {"nonfinite": Guard(False)}, None))
+    found = messages(findings({"deepspeed": str(config)}, QuantizationSection(),
+                              {"nonfinite": Guard(False), "optim8bit": Guard(True)}, None))
+    assert any("optim8bit under DeepSpeed" in m and "enabled = false" in m for m in found)
     assert any("overlap_comm = false" in m for m in found)
     assert any("guards.nonfinite is off" in m and "enabled = true" in m for m in found)
     assert any("nvme" in m and "every = 0" in m for m in found)
