@@ -251,14 +251,17 @@ def check_engine(training: dict[str, Any]) -> list[tuple[str, str]]:
     errors = []
     if training.get("deepspeed"):
         try:
-            stage = read_deepspeed_config(training["deepspeed"]).get("zero_optimization", {}).get("stage", 0)
+            zero = read_deepspeed_config(training["deepspeed"]).get("zero_optimization", {})
         except ValueError as exc:
             errors.append(("training.deepspeed", str(exc)))
         else:
-            if stage not in (1, 2, 3):
+            if zero.get("stage", 0) not in (1, 2, 3):
                 errors.append(("training.deepspeed.zero_optimization.stage",
-                               f"{stage!r}: stabguard guards ZeRO stages 1, 2 and 3 (it vetoes through the ZeRO "
-                               f"optimizer); for no ZeRO use DDP (drop training.deepspeed)"))
+                               f"{zero.get('stage', 0)!r}: stabguard guards ZeRO stages 1, 2 and 3 (it vetoes "
+                               f"through the ZeRO optimizer); for no ZeRO use DDP (drop training.deepspeed)"))
+            if zero.get("compute_grad_norm") is False:
+                errors.append(("training.deepspeed.zero_optimization.compute_grad_norm",
+                               "false: the guards clip through DeepSpeed's norm; remove it"))
         if training.get("fsdp"):
             errors.append(("training.fsdp", "FSDP and DeepSpeed together: choose one"))
     config = training.get("fsdp_config") or {}

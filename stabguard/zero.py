@@ -9,10 +9,10 @@ the guarded step between the engine's backward and its step, through a :class:`Z
   data-parallel group (ZeRO-1/2 ``scaled_global_norm``, ZeRO-3 ``_get_norm_groups``), divided by the loss
   scale. DeepSpeed reports a NaN gradient as an infinite norm. The engine's step reuses this value: one
   norm pass per step.
-- **veto**: the engine's step is shown an infinite norm, which is DeepSpeed's own overflow path: the
-  optimizer drops the gradients, the engine holds its LR scheduler and counts the step in
-  ``skipped_steps``, and accelerate reports the step as skipped. (ZeRO-1/2 in bf16 take that path only
-  with ``check_grad_overflow``; the guarded step turns it on and lets the norm stand for the check.)
+- **veto**: the engine's step takes DeepSpeed's own overflow path: the optimizer drops the gradients,
+  the engine holds its LR scheduler and counts the step in ``skipped_steps``, and accelerate reports the
+  step as skipped. ZeRO-1/2: the step's overflow check (turned on, bf16 included) answers with the veto;
+  ZeRO-3: the step is shown an infinite norm, which it treats as an overflow in every dtype.
 - **clip**: the guards' clip (``training.max_grad_norm`` included; the smallest request wins) is the
   optimizer's ``clip_grad`` for that step.
 - **snapshot**: copies of this rank's fp32 master partitions, the optimizer state of those partitions
@@ -100,9 +100,12 @@ class ZeroEngine:
         if self.max_norm is not None:
             opt.clip_grad = self.max_norm
         if self.stage < 3:
+            vetoed = self.vetoed
             saved["check_grad_overflow"] = opt.check_grad_overflow
             opt.check_grad_overflow = True  # an infinite norm is an overflow, bf16 included
-            opt.check_overflow = lambda *args, **kwargs: None  # the measured norm stands for the check
+            # The veto is the overflow check (the measured norm covers a real overflow: no second pass),
+            # so it holds with zero_optimization.compute_grad_norm = false too.
+            opt.check_overflow = lambda *args, **kwargs: setattr(opt, "overflow", vetoed)
             opt.scaled_global_norm = lambda *args, **kwargs: norm
         else:
             opt._get_norm_groups = lambda: [norm]

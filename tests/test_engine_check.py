@@ -41,13 +41,14 @@ class Guard:
 
 def test_deepspeed_pitfalls_each_with_its_fix(tmp_path):
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True, "compute_grad_norm": False,
                                                         "offload_optimizer": {"device": "nvme"}},
                                   "bf16": {"enabled": True, "check_grad_overflow": False}}))
     found = messages(findings({"deepspeed": str(config)}, QuantizationSection(),
                               {"nonfinite": Guard(False), "optim8bit": Guard(True)}, None))
     assert any("optim8bit under DeepSpeed" in m and "enabled = false" in m for m in found)
     assert any("overlap_comm = false" in m for m in found)
+    assert any("compute_grad_norm = false" in m and "remove it" in m for m in found)
     assert any("guards.nonfinite is off" in m and "enabled = true" in m for m in found)
     assert any("nvme" in m and "every = 0" in m for m in found)
     zero0 = messages(findings({"deepspeed": {"zero_optimization": {"stage": 0}}}, QuantizationSection(), {}, None))

@@ -135,6 +135,8 @@ def test_fsdp2_passes_through_and_the_unsupported_engines_are_refused_with_the_f
 @pytest.mark.parametrize("config, key, message", [
     ({"zero_optimization": {"stage": 0}}, "training.deepspeed.zero_optimization.stage", "use DDP"),
     ({"bf16": {"enabled": True}}, "training.deepspeed.zero_optimization.stage", "ZeRO stages 1, 2 and 3"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
+     "training.deepspeed.zero_optimization.compute_grad_norm", "remove it"),
     ("[1, 2]", "training.deepspeed", "a JSON object, not list"),
     ("{zero", "training.deepspeed", "not a JSON DeepSpeed config"),
 ])
