@@ -354,13 +354,13 @@ def check_learning_rate(recipe, total: int | None, report: Report) -> None:
 
 # -- the engine ------------------------------------------------------------------------------------
 
-def check_engine(training: dict, quantization, guards: dict, data_train: str | None, report: Report) -> None:
+def check_engine(training: dict, quantization, guards: dict, data, report: Report) -> None:
     from stabguard.engine_check import engine_of, findings
 
-    found = findings(training, quantization, guards, data_train)
+    found = findings(training, quantization, guards, data.train, text_only_image=data.text_only_image)
     for level, message in found:
         report.add("engine", level, message)
-    if not found:
+    if not any(level in ("error", "warn") for level, _ in found):
         report.add("engine", "ok", f"{engine_of(training)}: no known engine pitfall in this recipe")
 
 
@@ -396,7 +396,7 @@ def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64,
     events = EventLog()
     call_each(plugins, "configure", "guards", report, events, recipe=recipe)
     report_events(events, 0, "guards", report)
-    check_engine(recipe.training, recipe.quantization, recipe.guards, recipe.data.train, report)
+    check_engine(recipe.training, recipe.quantization, recipe.guards, recipe.data, report)
     _ensure_assets(recipe)
     local = check_model_files(recipe, report)
     data_ok = check_data(recipe, report, rows, images, progress)

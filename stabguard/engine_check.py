@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-MIXED_FIX = ("keep each step's modality the same on every rank (batches of only image or only text-only "
-             "samples, in the same order on every rank), or give text-only samples a small placeholder image")
+MIXED_FIX = ("data.text_only_image = true (text-only samples get a small blank image, so every rank runs the "
+             "vision tower), or keep each step's modality the same on every rank (batches of only image or only "
+             "text-only samples, in the same order on every rank)")
 
 
 def engine_of(training: dict[str, Any]) -> str:
@@ -24,7 +25,7 @@ def engine_of(training: dict[str, Any]) -> str:
 
 
 def findings(recipe_training: dict[str, Any], quantization, guards: dict, data_train: str | None,
-             rows: int = 2000) -> list[tuple[str, str]]:
+             rows: int = 2000, text_only_image: bool = False) -> list[tuple[str, str]]:
     engine = engine_of(recipe_training)
     out: list[tuple[str, str]] = []
     if engine == "fsdp2":
@@ -33,7 +34,10 @@ def findings(recipe_training: dict[str, Any], quantization, guards: dict, data_t
         out += deepspeed_findings(deepspeed_config(recipe_training["deepspeed"]), recipe_training, guards)
     if engine != "single/ddp" and _sharded_modules(engine, recipe_training) and data_train:
         images, text_only = modality_mix(data_train, rows)
-        if images and text_only:
+        if images and text_only and text_only_image:
+            out.append(("info", f"{data_train}: {text_only} text-only samples in the first {rows} rows get a "
+                        f"placeholder image (data.text_only_image): every rank runs the vision tower"))
+        elif images and text_only:
             out.append(("error", f"{data_train}: {images} samples with images and {text_only} text-only in the first "
                         f"{rows} rows: under {engine} a rank with a text-only batch skips the vision tower, whose "
                         f"sharded weights the other ranks gather, and training hangs (QwenLM/Qwen3-VL#126, "

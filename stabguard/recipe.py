@@ -98,6 +98,9 @@ class DataSection(Section):
     padding_side: Literal["right", "left"] = "right"
     synth: SynthOptions | None = None  # generate synthetic PCB boards when `train` does not exist
     bad_rows: Literal["error", "skip"] = "error"  # skip: leave bad rows/images out, each one an event
+    # A small blank image before the first user text of every text-only sample, so every rank runs the
+    # vision tower at every step: ZeRO-3 and FSDP fail or hang when ranks mix image and text-only batches.
+    text_only_image: bool = False
 
 
 class SnapshotSection(Section):

@@ -82,7 +82,7 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog, args):
     from stabguard.trainer import GuardTrainer
 
     ensure_data(recipe)
-    bad = {"policy": recipe.data.bad_rows, "events": events}
+    bad = {"policy": recipe.data.bad_rows, "events": events, "text_only_image": recipe.data.text_only_image}
     train = ConversationDataset(recipe.data.train, **bad)
     val = ConversationDataset(recipe.data.val, **bad) if recipe.data.val else None
     say(f"{len(train)} training conversations from {recipe.data.train}")

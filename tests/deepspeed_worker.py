@@ -14,6 +14,7 @@ SCENARIO "save": 4 steps, checkpoints at steps 2 and 4, a NaN gradient at step 3
 SCENARIO "resume": resumes "save" from its step-2 checkpoint, with the same fault at its first step (3).
 SCENARIO "stop": a guard stops the run at step 3: its checkpoint-2 holds the verified state (after step 1).
 SCENARIO "after-stop": resumes "stop" from that checkpoint.
+SCENARIO "mixed": 6 steps, no fault, on a TRAIN_JSONL that mixes image and text-only samples.
 Each rank writes OUT_DIR/rank<r>_<scenario>.json: per step the guards' norm and the norm of the full
 gradients as DeepSpeed's ``safe_get_full_grad`` gives them, verdicts, learning rates, DeepSpeed's own
 counters and a digest of this rank's ZeRO partitions (fp32 masters, optimizer state, 16-bit weights).
@@ -33,6 +34,7 @@ from support import tiny_recipe, write_recipe
 from support_faults import LossFault, StepProbe, StopAt, guard_plugins
 
 from stabguard import hookimpl
+from stabguard.data.jsonl import PLACEHOLDER_REF
 from stabguard.runner import run
 from stabguard.zero import zero_optimizer
 
@@ -46,7 +48,8 @@ def deepspeed_config(stage: int) -> dict:
 
 def training_for(stage: str) -> dict:
     """STAGE is 1, 2 or 3, then options: "-bf16" bf16 weights (fp32 masters), as 32B runs train; "-ga2" two
-    micro-batches per optimizer step; "-offload" the optimizer (fp32 masters and state) in CPU memory."""
+    micro-batches per optimizer step; "-offload" the optimizer (fp32 masters and state) in CPU memory;
+    "-textimage" (read in ``main``) sets data.text_only_image."""
     zero, *options = stage.split("-")
     config = deepspeed_config(int(zero))
     training = {"deepspeed": config}
@@ -80,6 +83,7 @@ class ZeroProbe(StepProbe):
     def __init__(self):
         super().__init__()
         self.digests, self.full_norms, self.counters, self.stale, self.loaded = {}, {}, {}, {}, {}
+        self.batches: list[dict] = []
 
     @hookimpl(trylast=True)
     def pre_step(self, state):
@@ -90,6 +94,13 @@ class ZeroProbe(StepProbe):
         grads = [safe_get_full_grad(p) for p in state.model.parameters() if p.requires_grad]
         self.full_norms[state.step] = torch.linalg.vector_norm(
             torch.cat([g.float().flatten() for g in grads if g is not None])).item()
+
+    @hookimpl
+    def post_collate(self, batch, samples):
+        """Per micro-batch: did it reach the model with pixels, and did any came from a placeholder."""
+        placed = any(item.get("image") == PLACEHOLDER_REF for s in samples for m in s["messages"]
+                     if isinstance(m.get("content"), list) for item in m["content"])
+        self.batches.append({"pixels": "pixel_values" in batch, "placeholder": placed})
 
     @hookimpl(trylast=True)
     def on_step_end(self, state):
@@ -129,6 +140,8 @@ def scenario(name: str, out: Path, last: int, ga: int = 1, per_epoch: int = 1):
                  LossFault(at=first(7), scale=50.0 * ga, rank=last)], {"max_steps": 8}, None)
     if name == "stop":
         return [StopAt(3)], {"max_steps": 5}, None
+    if name == "mixed":  # TRAIN_JSONL mixes image and text-only samples
+        return [], {"max_steps": 6}, None
     if name == "after-stop":
         return [], {"max_steps": 3}, str(out / "run" / "checkpoint-2")
     save = {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}
@@ -147,8 +160,9 @@ def main(stage: str, model_dir: str, train: str, out_dir: str, name: str) -> Non
                                         per_epoch=-(-rows // world))
     probe = ZeroProbe()
     plugins = guard_plugins(*faults, probe)
+    data = {"text_only_image": True} if "textimage" in stage.split("-") else {}
     recipe = tiny_recipe({"model": Path(model_dir), "train": Path(train)}, out / "run",
-                         training={**engine, **training}, guards={"spike": SPIKE})
+                         training={**engine, **training}, guards={"spike": SPIKE}, data=data)
     result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=plugins, resume=resume)
     trainer = result.trainer
     events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info")]
@@ -157,6 +171,7 @@ def main(stage: str, model_dir: str, train: str, out_dir: str, name: str) -> Non
               "global_step": result.global_step, "skipped_steps": result.skipped_steps,
               "verdicts": probe.verdicts, "digests": probe.digests, "norms": probe.norms,
               "full_norms": probe.full_norms, "lrs": probe.lrs, "counters": probe.counters, "stale": probe.stale, "loaded": probe.loaded.get("first"),
+              "batches": probe.batches,
               "stop_reason": trainer.stop_reason,
               "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events]}
     (out / f"rank{rank}_{name}.json").write_text(json.dumps(report, indent=1))

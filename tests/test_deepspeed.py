@@ -97,6 +97,39 @@ def test_zero3_stop_checkpoints_the_verified_partitions(tmp_path, tiny_assets):
         assert again["loaded"] == r["digests"]["1"], "the STOP's checkpoint holds those partitions"
 
 
+def mixed_data(assets) -> Path:
+    """The tiny set with a text-only conversation after each row (beside it: image paths are relative)."""
+    path = Path(assets["train"]).with_name("mixed.jsonl")
+    text_only = {"messages": [{"role": "user", "content": "Is copper conductive?"},
+                              {"role": "assistant", "content": "Yes, the traces are copper."}]}
+    rows = [line for line in Path(assets["train"]).read_text().splitlines() if line.strip()]
+    path.write_text("".join(f"{row}\n{json.dumps(text_only)}\n" for row in rows))
+    return path
+
+
+def test_zero3_on_mixed_image_and_text_only_data_fails_and_the_placeholder_image_fixes_it(tmp_path, tiny_assets):
+    """The ZeRO-3 failure `stabguard check` flags (QwenLM/Qwen3-VL#126): a rank whose batch is text-only
+    skips the vision tower whose partitions the other ranks gather. DeepSpeed 0.19.8 on CPU detects it
+    ("disagreement on list length"); on GPUs it is reported as a hang."""
+    assets = {**tiny_assets, "train": mixed_data(tiny_assets)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(WORKER), "3", str(assets["model"]), str(assets["train"]), str(tmp_path), "mixed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path).returncode != 0
+    except subprocess.TimeoutExpired:
+        failed = True  # hung
+    assert failed, "ZeRO-3 trained on mixed data without the fix: the preflight error may be stale"
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    rank0, rank1 = launch(fixed, "3-textimage", "mixed", assets)
+    for r in (rank0, rank1):
+        assert r["ok"] and r["global_step"] == 6
+        assert all(b["pixels"] for b in r["batches"]), "every micro-batch ran the vision tower"
+    placed = [(a["placeholder"], b["placeholder"]) for a, b in zip(rank0["batches"], rank1["batches"])]
+    assert any(a != b for a, b in placed), "the data did mix modalities across ranks within a step"
+
+
 def test_an_engine_without_a_zero_optimizer_is_refused_with_a_pointer_to_ddp():
     """ZeRO stage 0 (DeepSpeed's plain or bf16 optimizer): recipes refuse it; GuardTrainer used directly too."""
     from stabguard.zero import ZeroEngine

@@ -64,7 +64,9 @@ def test_mixed_modality_under_sharded_engines_offers_the_fix(tmp_path, tiny_asse
     data.write_text(tiny_assets["train"].read_text() + json.dumps(text_only) + "\n")
     assert modality_mix(data, 100)[1] == 1
     (hang,) = [m for m in messages(findings(FSDP2, QuantizationSection(), {}, str(data))) if "hangs" in m]
-    assert "same on every rank" in hang and "placeholder image" in hang
+    assert "same on every rank" in hang and "data.text_only_image = true" in hang
+    fixed = findings(FSDP2, QuantizationSection(), {}, str(data), text_only_image=True)
+    assert [level for level, m in fixed if "text-only" in m] == ["info"], "with the fix on: said, not flagged"
     zero3 = {"deepspeed": {"zero_optimization": {"stage": 3}}}
     assert any("hangs" in m for m in messages(findings(zero3, QuantizationSection(), {}, str(data))))
     assert not any("hangs" in m for m in messages(findings({}, QuantizationSection(), {}, str(data))))

@@ -235,13 +235,16 @@ class ConversationDataset(torch.utils.data.Dataset):
     ``events``, a ``data``/``skipped_row`` event. Extra top-level keys of a row (ground truth, say)
     are kept in ``rows`` but not put in the sample, so the collator sees ``id``, ``messages``, ``images``.
     ``progress(what, done, total)`` (see :mod:`stabguard.progress`) follows the reading of a large file.
+    ``text_only_image``: a sample without images gets :func:`placeholder_image` before its first user
+    text (recipe ``data.text_only_image``: every rank then runs the vision tower at every step).
     """
 
     def __init__(self, path: str | Path, max_errors: int | None = 50, policy: str = "error", events: Any = None,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, text_only_image: bool = False):
         if policy not in ("error", "skip"):
             raise ValueError(f"ConversationDataset: policy={policy!r}; allowed: error, skip")
         self.path, self.policy, self.events = Path(path), policy, events
+        self.text_only_image = text_only_image
         self.rows, problems = _parse(self.path, None, progress, "rows loaded")
         self.skipped: list[str] = []
         self._bad: set[int] = set()
@@ -289,7 +292,30 @@ class ConversationDataset(torch.utils.data.Dataset):
         sample_id = f"{self.path}:{lineno}"
         messages = copy.deepcopy(row["messages"])  # a collator that edits messages must not edit ours
         images = [load_image(self.path.parent / ref, sample_id, ref) for ref in image_refs(messages)]
+        if not images and self.text_only_image and (placed := with_placeholder_image(messages)) is not None:
+            messages, images = placed, [placeholder_image()]
         return {"id": sample_id, "messages": messages, "images": images}
+
+
+PLACEHOLDER_REF = "stabguard:placeholder"  # the image entry a text-only sample gets; not a file
+
+
+def placeholder_image() -> Image.Image:
+    """A small mid-grey image: the processor scales it to its minimum size (a few vision tokens)."""
+    return Image.new("RGB", (64, 64), (128, 128, 128))
+
+
+def with_placeholder_image(messages: list[dict]) -> list[dict] | None:
+    """``messages`` with an image entry before the first user message's content (never supervised: it is
+    in a user turn); None without a user message."""
+    out = copy.deepcopy(messages)
+    for message in out:
+        if message.get("role") == "user":
+            content = message.get("content")
+            text = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+            message["content"] = [{"type": "image", "image": PLACEHOLDER_REF}, *text]
+            return out
+    return None
 
 
 # ---------------------------------------------------------------- writing files

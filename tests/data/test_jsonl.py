@@ -46,6 +46,23 @@ def test_valid_rows_give_contract_samples(tmp_path):
     assert first["images"][0].getpixel((0, 0)) == (255, 0, 0)
 
 
+def test_text_only_samples_get_a_placeholder_image_only_when_asked(tmp_path):
+    _png(tmp_path / "img/a.png")
+    text_only = {"messages": [{"role": "system", "content": "You inspect PCBs."},
+                              {"role": "user", "content": "Is copper conductive?"},
+                              {"role": "assistant", "content": "Yes."}]}
+    path = _write(tmp_path / "d.jsonl", [_row(), text_only])
+    assert ConversationDataset(path)[1]["images"] == [], "off by default: the row as written"
+    ds = ConversationDataset(path, text_only_image=True)
+    with_image, placed = ds[0], ds[1]
+    assert len(with_image["images"]) == 1 and with_image["messages"] == _row()["messages"], "rows with images: as written"
+    assert len(placed["images"]) == 1 and placed["images"][0].size == (64, 64)
+    assert placed["messages"][0] == text_only["messages"][0], "the system turn is left alone"
+    assert placed["messages"][1]["content"] == [{"type": "image", "image": "stabguard:placeholder"},
+                                                {"type": "text", "text": "Is copper conductive?"}]
+    assert placed["messages"][2] == text_only["messages"][2], "the supervised answer is unchanged"
+
+
 def test_sample_messages_are_copies(tmp_path):
     _png(tmp_path / "img/a.png")
     ds = ConversationDataset(_write(tmp_path / "d.jsonl", [_row()]))
