@@ -40,7 +40,7 @@ def findings(recipe_training: dict[str, Any], quantization, guards: dict, data_t
         elif images and text_only:
             out.append(("error", f"{data_train}: {images} samples with images and {text_only} text-only in the first "
                         f"{rows} rows: under {engine} a rank with a text-only batch skips the vision tower, whose "
-                        f"sharded weights the other ranks gather, and training hangs (QwenLM/Qwen3-VL#126, "
+                        f"sharded weights the other ranks gather, and training hangs or stops (QwenLM/Qwen3-VL#126, "
                         f"ms-swift#3213); fix: {MIXED_FIX}"))
     return out
 

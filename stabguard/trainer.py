@@ -162,7 +162,7 @@ class GuardedTrainer:
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._loss_at_step_start: torch.Tensor | None = None
         self._stop_checkpoint: dict | None = None  # what a STOP's checkpoint holds besides the weights
-        self._engine = TorchEngine()  # single device, DDP, FSDP2; DeepSpeed: a ZeroEngine at the first step
+        self._torch_engine = TorchEngine()  # single device, DDP, FSDP2; DeepSpeed: a ZeroEngine at the first step
         # Wrapped after the Trainer's own __init__: subclasses (TRL's SFTTrainer) build their collator there.
         if self.data_collator is not None and not isinstance(self.data_collator, _GuardedCollator):
             self.data_collator = _GuardedCollator(self.data_collator, plugins, events, self.guarded.failed)
@@ -245,7 +245,7 @@ class GuardedTrainer:
     def _clip_grad_norm(self, model):
         """Called by the Trainer once per optimizer step, before ``optimizer.step()``."""
         if not self.is_deepspeed_enabled:  # DeepSpeed: the step already ran inside backward
-            self.last_step = self.guarded.run(self, model, self._engine)
+            self.last_step = self.guarded.run(self, model, self._torch_engine)
         step = self.last_step
         self._window_steps += 1
         if step.verdict.action != Action.PROCEED:
