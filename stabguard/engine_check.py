@@ -122,9 +122,9 @@ def deepspeed_findings(config: dict, training: dict, guards: dict | None = None)
                     "[guards.optim8bit] enabled = false (torch AdamW, as the ZeRO recipes do)"))
     nonfinite = (guards or {}).get("nonfinite")
     if nonfinite is not None and not nonfinite.enabled:
-        out.append(("warn", "guards.nonfinite is off: ZeRO-3 in bf16 does not check gradient overflow "
-                    "(stage3.py checks only fp16) and ZeRO-1/2 only with bf16.check_grad_overflow; fix: "
-                    "[guards.nonfinite] enabled = true (its veto holds on every stage)"))
+        out.append(("warn", "guards.nonfinite is off: DeepSpeed's own skip sees only a non-finite gradient norm "
+                    "(ZeRO-1/2 in bf16 only with bf16.check_grad_overflow), "
+                    "never a NaN loss with finite gradients; fix: [guards.nonfinite] enabled = true"))
     offloads = [zero.get(key, {}).get("device") for key in ("offload_optimizer", "offload_param")]
     if "nvme" in offloads:
         out.append(("warn", "offload to nvme: stabguard's snapshots copy the ZeRO partitions in memory and "

@@ -10,8 +10,10 @@ Each row is one ``torchrun --nproc-per-node 1`` process (world size 1, bf16, the
 - fsdp2, zero2, zero3 / stabguard: ``stabguard.runner.run`` with the engine in ``[training]``; expected:
   the fault step is SKIPped, every weight finite, the LR held for that step;
 - zero2, zero3 / plain Trainer: the same fault without guards, to see what DeepSpeed does with it in
-  bf16 (ZeRO-3 checks overflow only in fp16; ZeRO-1/2 only with check_grad_overflow).
-Rows whose engine is missing (deepspeed not installed) say so. Exits 2 at once without a CUDA GPU.
+  bf16 (on this CPU with DeepSpeed 0.19.8 it skips the step itself: its norm check sees the NaN).
+Rows whose engine is missing (deepspeed not installed) say so. Exits 2 at once without a CUDA GPU;
+``STABGUARD_ENGINES_ON_CPU=1`` runs the DeepSpeed rows on the CPU instead (``use_cpu``), to check the
+script itself.
 About 1-2 minutes per row on an H100 (most of it process start-up and imports); the whole under 8 minutes.
 """
 
@@ -42,6 +44,8 @@ def training(out: Path, engine: str, steps: int) -> dict:
             "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 1000,
             "max_grad_norm": 1.0, "bf16": True, "seed": 0, "report_to": "none", "remove_unused_columns": False,
             "save_strategy": "no"}
+    if os.environ.get("STABGUARD_ENGINES_ON_CPU"):  # a smoke run of this script itself (DeepSpeed rows only)
+        base["use_cpu"] = True
     if engine == "fsdp2":
         # SHARDED: with FULL_STATE_DICT the final save_model of a peft model failed on CPU (FSDP2, 2 ranks)
         return {**base, "fsdp": True, "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
@@ -239,7 +243,8 @@ def main() -> int:
     opts = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    on_cpu = bool(os.environ.get("STABGUARD_ENGINES_ON_CPU"))
+    if not torch.cuda.is_available() and not on_cpu:
         print("bench/gpu/engines.py: no CUDA GPU here; nothing was run (the FSDP2 step is tested on CPU "
               "by tests/test_fsdp.py)", file=sys.stderr)
         return 2
@@ -247,11 +252,14 @@ def main() -> int:
     prepare(out)
     header = ["engine", "trainer", "status", f"verdict@{opts.fault_step}", "weights finite",
               "LR held", "last loss", "s"]
-    rows = [describe(launch(out, e, k, opts.steps, opts.fault_step), opts.fault_step) for e, k in ROWS]
+    # On the CPU (a smoke run of this script) only DeepSpeed runs as it is: FSDP2 needs an accelerator.
+    chosen = [(e, k) for e, k in ROWS if not (on_cpu and e == "fsdp2")]
+    rows = [describe(launch(out, e, k, opts.steps, opts.fault_step), opts.fault_step) for e, k in chosen]
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         print(" | ".join(x.ljust(w) for x, w in zip(line, widths)))
-    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; NaN gradient at step {opts.fault_step}")
+    where = "CPU smoke run (STABGUARD_ENGINES_ON_CPU)" if on_cpu else f"GPU: {torch.cuda.get_device_name(0)}"
+    print(f"{where}; torch {torch.__version__}; NaN gradient at step {opts.fault_step}")
     return 0
 
 
