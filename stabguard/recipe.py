@@ -129,8 +129,17 @@ class Recipe(BaseModel):
     guards: dict[str, GuardOptions] = Field(default_factory=dict)
 
     def training_arguments(self) -> dict[str, Any]:
-        """The keyword arguments for ``TrainingArguments``: stabguard's defaults, then the recipe."""
-        return {**TRAINING_DEFAULTS, **self.training}
+        """The keyword arguments for ``TrainingArguments``: stabguard's defaults, then the recipe. An inline
+        ``[training.deepspeed]`` table gets ``"auto"`` (filled from the training arguments) for the batch,
+        accumulation, clipping and bf16 keys it leaves out; DeepSpeed refuses a config without them."""
+        args = {**TRAINING_DEFAULTS, **self.training}
+        if isinstance(args.get("deepspeed"), dict):
+            args["deepspeed"] = {**DEEPSPEED_AUTO, **args["deepspeed"]}
+        return args
+
+
+DEEPSPEED_AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                  "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
 
 
 class RecipeError(ValueError):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from support import tiny_recipe, write_recipe
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
@@ -112,14 +113,19 @@ def test_zero3_on_mixed_image_and_text_only_data_fails_and_the_placeholder_image
     skips the vision tower whose partitions the other ranks gather. DeepSpeed 0.19.8 on CPU detects it
     ("disagreement on list length"); on GPUs it is reported as a hang."""
     assets = {**tiny_assets, "train": mixed_data(tiny_assets)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), "3", str(assets["model"]), str(assets["train"]), str(tmp_path), "mixed"]
+    recipe = tiny_recipe(assets, tmp_path / "run", training={"deepspeed": {"zero_optimization": {"stage": 3}},
+                                                             "max_steps": 6})
+    stabguard = Path(sys.executable).with_name("stabguard")  # as a user launches it: torchrun $(which stabguard)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(stabguard),
+           "run", str(write_recipe(tmp_path / "mixed.toml", recipe))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
     try:
-        failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path).returncode != 0
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path)
+        failed, said = proc.returncode != 0, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
-        failed = True  # hung
+        failed, said = True, "(hung)"
     assert failed, "ZeRO-3 trained on mixed data without the fix: the preflight error may be stale"
+    assert "text_only_image = true" in said, f"the run names the fix:\n{said[-3000:]}"
     fixed = tmp_path / "fixed"
     fixed.mkdir()
     rank0, rank1 = launch(fixed, "3-textimage", "mixed", assets)

@@ -149,6 +149,16 @@ def test_a_deepspeed_config_that_stabguard_cannot_guard_is_named(tmp_path, confi
     assert message in errors[key]
 
 
+def test_an_inline_zero_table_gets_auto_for_the_keys_deepspeed_requires(tmp_path):
+    inline = {"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}
+    recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe(
+        {"model": "m", "train": "t.jsonl"}, tmp_path / "out", training={"deepspeed": inline})))
+    config = recipe.training_arguments()["deepspeed"]
+    assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
+    assert config["bf16"] == {"enabled": "auto"}
+    assert config["gradient_clipping"] == 0.5 and config["zero_optimization"] == {"stage": 3}, "the recipe's own win"
+
+
 def test_a_zero_config_file_passes_through_to_the_trainer(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe(

@@ -37,6 +37,12 @@ def command(recipe, resume):
     except HookError as exc:
         click.echo(f"stabguard: a plugin failed: {exc}", err=True)
         raise SystemExit(EXIT_CRASHED) from None
+    except RuntimeError as exc:
+        if "disagreement on list length" in str(exc):  # DeepSpeed ZeRO-3: the ranks ran different modules
+            click.echo("stabguard: the ranks ran different modules in one step (DeepSpeed ZeRO-3), most often "
+                       "a text-only batch on one rank while another has images; fix: [data] text_only_image = "
+                       "true (`stabguard check RECIPE` flags such data before step 1)", err=True)
+        raise
     close_process_group()
     if not result.ok:
         word = {"crash": "a plugin failed", "refused": "refused"}.get(result.error, "STOPPED")
