@@ -255,7 +255,7 @@ def merge_ranks(everyone: list[Verdict]) -> Verdict:
     top = [(rank, v) for rank, v in enumerate(everyone) if v.action == worst]
     reasons = list(dict.fromkeys(v.reason for _, v in top))
     reason = reasons[0] if len(reasons) == 1 else "; ".join(f"rank {rank}: {v.reason}" for rank, v in top)
-    guards = ",".join(dict.fromkeys(g for _, v in top for g in v.guard.split(",") if g))
+    guards = ",".join(dict.fromkeys(g for _, v in top for g in (v.guard or "").split(",") if g))
     return Verdict(worst, reason, guards, next((v.error for _, v in top if v.error), ""))
 
 

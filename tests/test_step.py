@@ -52,6 +52,7 @@ def test_the_ranks_verdicts_merge_without_repeating_a_guard_and_name_the_rank_wh
     assert merged.action == Action.SKIP and merged.guard == "nonfinite,spike"
     assert merged.reason == "rank 1: nonfinite: non-finite gradients; rank 2: spike: loss 9.1"
     assert merge_ranks([same, Verdict(Action.STOP, "core: 20 steps skipped", "core", "refused")]).error == "refused"
+    assert merge_ranks([Verdict(Action.SKIP, "x", None), same]).guard == "nonfinite", "a guard of None is no guard"
 
 
 def test_a_stop_saves_the_last_verified_state_and_a_resume_continues_from_it(tmp_path, tiny_assets):
