@@ -27,6 +27,7 @@ Under fp16 with dynamic loss scaling a vetoed step also counts as an overflow fo
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -121,33 +122,29 @@ class ZeroEngine:
             self.norm = None
 
 
+class _NoOverflowLine(logging.Filter):
+    def filter(self, record):
+        return "OVERFLOW! Skipping step" not in record.getMessage()
+
+
+@contextlib.contextmanager
 def _quiet_overflow_warning():
     """A vetoed step is not an overflow: DeepSpeed's "OVERFLOW! Skipping step. Gradients are non-finite"
     would misname it (stabguard's own event gives the reason)."""
-    import logging
-
     from deepspeed.utils import logger
 
-    class NoOverflowLine(logging.Filter):
-        def filter(self, record):
-            return "OVERFLOW! Skipping step" not in record.getMessage()
-
-    @contextlib.contextmanager
-    def filtered():
-        line = NoOverflowLine()
-        logger.addFilter(line)
-        try:
-            yield
-        finally:
-            logger.removeFilter(line)
-
-    return filtered()
+    line = _NoOverflowLine()
+    logger.addFilter(line)
+    try:
+        yield
+    finally:
+        logger.removeFilter(line)
 
 
 class ZeroSnapshot:
     """This rank's fp32 master partitions, their optimizer state and the 16-bit weights after ``step``.
 
-    The same interface as :class:`stabguard.step.Snapshot`: ``step``, ``guard_state`` and ``restore``.
+    The same interface as :class:`stabguard.engine.Snapshot`: ``step``, ``guard_state`` and ``restore``.
     """
 
     def __init__(self, step: int, optimizer, stage: int, offload: bool, guard_state=None):
@@ -170,13 +167,13 @@ class ZeroSnapshot:
             self.zero.checkpoint_event_prologue()  # partition every parameter before the partitions change
         masters, weights = self._tensors()
         base = self.zero.optimizer
-        for live, kept, state in zip(masters, self.masters, self.optim):
+        for live, kept, state in zip(masters, self.masters, self.optim, strict=True):
             kept.into(live)
             if state is None:  # no state yet at snapshot time: the optimizer starts it afresh, as it did then
                 base.state.pop(live, None)
             else:
                 base.state[live] = put_back(base.state.get(live, {}), state)
-        for live, kept in zip(weights, self.weights):
+        for live, kept in zip(weights, self.weights, strict=True):
             if kept is not None and live is not None:
                 kept.into(live)
         if self.stage == 3:
