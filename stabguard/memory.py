@@ -155,12 +155,11 @@ def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str
         shard_lines(out, world_size, sharding, text, weights, DTYPE_BYTES[wd])
     elif sharding:  # ZeRO-1/2: every rank holds the weights; the trainable state (and its snapshot) is split
         split_lines(out[n_weight_lines:], world_size, sharding)
-    sharded = sharding is not None
-    activation_lines(out, getattr(config, "text_config", config), b, seq, a, checkpointing)
+    activation_lines(out, text, b, seq, a, checkpointing)
     out.add("CUDA context and workspace", "a fixed allowance", GiB)
     total = round(sum(x["gib"] for x in out), 2)
     return {"lines": list(out), "total_gib": total, "gpu_mem_gib": gpu_mem, "batch": b, "seq": seq,
-            "checkpointing": checkpointing, "world_size": world_size, "sharded": sharded, "sharding": sharding}
+            "checkpointing": checkpointing, "world_size": world_size, "sharded": sharding is not None, "sharding": sharding}
 
 
 def sharding_of(training: dict) -> str | None:

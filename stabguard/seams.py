@@ -36,8 +36,9 @@ SEAMS = [
 DEEPSPEED_SEAMS = [
     ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", name, why) for name, why in [
         ("scaled_global_norm", "ZeRO-1/2's norm: measured before the step, then given back to it"),
-        ("check_overflow", "replaced for one step: the measured norm stands for the overflow check"),
-        ("check_grad_overflow", "turned on for one step: an infinite norm then takes the overflow path"),
+        ("check_overflow", "replaced for one step: it answers with the veto (the measured norm covers a real "
+                           "overflow)"),
+        ("check_grad_overflow", "turned on for one step, so the overflow check runs in bf16 too"),
         ("clip_grad", "the guards' clip for one step"),
         ("single_partition_of_fp32_groups", "this rank's fp32 master partitions (snapshot)"),
         ("bit16_groups_flat", "the 16-bit weights every rank holds (snapshot)"),

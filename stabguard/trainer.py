@@ -264,11 +264,8 @@ class GuardedTrainer:
         wrapped = seams.deepspeed_engine_wrapper(self.accelerator)
         if isinstance(wrapped, GuardedEngineWrapper):
             return
-        try:
-            guarded_wrapper = GuardedEngineWrapper(wrapped, self.guarded, self._run_zero_step)
-        except TypeError as exc:  # ZeRO stage 0
-            raise GuardError(f"training.deepspeed: {exc}") from None
-        seams.set_deepspeed_engine_wrapper(self.accelerator, guarded_wrapper)
+        seams.set_deepspeed_engine_wrapper(self.accelerator,
+                                           GuardedEngineWrapper(wrapped, self.guarded, self._run_zero_step))
 
     def _run_zero_step(self, engine, zero) -> None:
         self.last_step = self.guarded.run(self, engine, zero)

@@ -32,6 +32,7 @@ import logging
 import torch
 
 from stabguard.engine import Kept, keep, put_back
+from stabguard.verdict import GuardError
 
 
 def zero_optimizer(trainer):
@@ -57,8 +58,8 @@ class ZeroEngine:
     def __init__(self, optimizer):
         self.optimizer, self.stage = optimizer, zero_stage(optimizer)
         if self.stage is None:
-            raise TypeError(f"stabguard guards DeepSpeed ZeRO stages 1-3; this engine's optimizer is "
-                            f"{type(optimizer).__name__} (ZeRO stage 0): use DDP, or zero_optimization.stage >= 1")
+            raise GuardError(f"training.deepspeed: stabguard guards ZeRO stages 1-3; this engine's optimizer is "
+                             f"{type(optimizer).__name__} (ZeRO stage 0): use DDP, or zero_optimization.stage >= 1")
         self.norm: torch.Tensor | None = None  # this step's scaled norm, as the engine's step will read it
         self.vetoed = False
         self.max_norm: float | None = None

@@ -138,7 +138,8 @@ def test_zero3_on_mixed_image_and_text_only_data_fails_and_the_placeholder_image
 
 def test_an_engine_without_a_zero_optimizer_is_refused_with_a_pointer_to_ddp():
     """ZeRO stage 0 (DeepSpeed's plain or bf16 optimizer): recipes refuse it; GuardTrainer used directly too."""
+    from stabguard import GuardError
     from stabguard.zero import ZeroEngine
 
-    with pytest.raises(TypeError, match="ZeRO stage 0.*use DDP"):
+    with pytest.raises(GuardError, match="ZeRO stage 0.*use DDP"):
         ZeroEngine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))

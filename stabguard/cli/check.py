@@ -31,7 +31,7 @@ def render(report) -> str:
 @click.option("--gpu-mem", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True,
               help="GiB of memory per GPU the run will have (80 for an H100/A100 80GB)")
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="ranks the run will have (FSDP2 shards weights and optimizer state over them)")
+              help="ranks the run will have (FSDP2 and ZeRO split memory over them)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (for scripts)")
 @click.option("--rows", type=click.IntRange(min=1), default=64, show_default=True, help="data rows checked per file")
 @click.option("--images", type=click.IntRange(min=0), default=32, show_default=True, help="images decoded per file")
