@@ -108,7 +108,8 @@ class SkipStepAdamW(torch.optim.Optimizer):
 
 
 def adamw_step(p, *, lr, betas, eps, weight_decay, exp_avg, exp_avg_sq, step, step_factor) -> None:
-    """OLMo-core's ``adamw_step``, line for line."""
+    """Equivalent to OLMo-core's ``adamw_step`` (its ``p.grad is None`` check and ``type_as`` casts left out;
+    the step count kept outside)."""
     beta1, beta2 = betas
     p.mul_(1 - step_factor * (lr * weight_decay))
     exp_avg.lerp_(p.grad, step_factor * (1 - beta1))

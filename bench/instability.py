@@ -1,7 +1,7 @@
 """The instability benchmark: stabguard against the plain Trainer and the peers' own step guards.
 
     python bench/instability.py            # writes docs/benchmarks.md and docs/benchmarks.png
-    python bench/instability.py --steps 32 --only nan-grad,inf-grad --out /tmp/bench.md
+    python bench/instability.py --only nan-grad,inf-grad --out /tmp/bench.md
 
 Every run trains the same tiny random Qwen3-VL (LoRA r=8 on the text projections, torch AdamW, lr 3e-3
 cosine, batch 2 x 2 accumulation, seed 0) on the same 64 synthetic PCB boards, with the same faults
@@ -15,7 +15,7 @@ update. Arms (bench/baselines.py says where each peer's behaviour is read from):
 - OLMo-core: the same, with OLMo-core's skip-step AdamW (update x a 0/1 factor from a 6-sigma z-score);
 - stabguard: ``GuardTrainer`` with every built-in guard at its defaults, except ``optim8bit`` off (torch
   AdamW in every arm) and the spike window shortened to 8 (min_history 5), as the faults demo does: the
-  default window of 20 losses does not fit a 32-step run.
+  default window (100 losses, min_history 20) does not fit a 32-step run.
 
 Per run: weights finite at the end, the final loss (mean loss of 8 fixed training samples under the
 final weights, no fault) against the same arm's clean run, steps lost (not run, or whose update did not
@@ -385,7 +385,7 @@ def table(results: list[Result], scenarios: list[Scenario], arms: list[str]) -> 
         cells = []
         for arm in arms:
             r, clean = by[(s.name, arm)], by[("clean", arm)]
-            cells.append(cell(r, clean, by[(s.name, arms[0])]))
+            cells.append(cell(r, clean, by.get((s.name, "plain"), by[(s.name, arms[0])])))  # speed vs plain
         lines.append(f"| **{s.name}**{' (natural)' if s.natural else ''} | " + " | ".join(cells) + " |")
     return lines
 

@@ -82,7 +82,8 @@ class ZeroProbe(StepProbe):
 
     def __init__(self):
         super().__init__()
-        self.digests, self.full_norms, self.counters, self.stale, self.loaded = {}, {}, {}, {}, {}
+        self.digests, self.full_norms, self.counters, self.stale = {}, {}, {}, {}
+        self.loaded: str | None = None
         self.batches: list[dict] = []
 
     @hookimpl(trylast=True)
@@ -90,7 +91,8 @@ class ZeroProbe(StepProbe):
         super().pre_step(state)
         from deepspeed.utils import safe_get_full_grad
 
-        self.loaded.setdefault("first", digest(state.model.optimizer))  # before this run's first update
+        if self.loaded is None:  # before this run's first update
+            self.loaded = digest(state.model.optimizer)
         grads = [safe_get_full_grad(p) for p in state.model.parameters() if p.requires_grad]
         self.full_norms[state.step] = torch.linalg.vector_norm(
             torch.cat([g.float().flatten() for g in grads if g is not None])).item()
@@ -153,16 +155,16 @@ def scenario(name: str, out: Path, last: int, ga: int = 1, per_epoch: int = 1):
 def main(stage: str, model_dir: str, train: str, out_dir: str, name: str) -> None:
     torch.set_num_threads(1)
     rank, out = int(os.environ["RANK"]), Path(out_dir)
-    engine = training_for(stage)
+    zero_training = training_for(stage)
     world = int(os.environ["WORLD_SIZE"])
     rows = sum(1 for line in Path(train).read_text().splitlines() if line.strip())
-    faults, training, resume = scenario(name, out, last=world - 1, ga=engine.get("gradient_accumulation_steps", 1),
+    faults, training, resume = scenario(name, out, last=world - 1, ga=zero_training.get("gradient_accumulation_steps", 1),
                                         per_epoch=-(-rows // world))
     probe = ZeroProbe()
     plugins = guard_plugins(*faults, probe)
     data = {"text_only_image": True} if "textimage" in stage.split("-") else {}
     recipe = tiny_recipe({"model": Path(model_dir), "train": Path(train)}, out / "run",
-                         training={**engine, **training}, guards={"spike": SPIKE}, data=data)
+                         training={**zero_training, **training}, guards={"spike": SPIKE}, data=data)
     result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=plugins, resume=resume)
     trainer = result.trainer
     events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info")]
@@ -170,7 +172,7 @@ def main(stage: str, model_dir: str, train: str, out_dir: str, name: str) -> Non
               "deepspeed": trainer.is_deepspeed_enabled, "zero": type(zero_optimizer(trainer)).__name__,
               "global_step": result.global_step, "skipped_steps": result.skipped_steps,
               "verdicts": probe.verdicts, "digests": probe.digests, "norms": probe.norms,
-              "full_norms": probe.full_norms, "lrs": probe.lrs, "counters": probe.counters, "stale": probe.stale, "loaded": probe.loaded.get("first"),
+              "full_norms": probe.full_norms, "lrs": probe.lrs, "counters": probe.counters, "stale": probe.stale, "loaded": probe.loaded,
               "batches": probe.batches,
               "stop_reason": trainer.stop_reason,
               "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events]}

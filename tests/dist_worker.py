@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from support import tiny_recipe, write_recipe
+from fsdp_worker import close_process_group
 from support_faults import GradFault, LossFault, StepProbe, guard_plugins
 
 from stabguard import hookimpl
@@ -102,8 +103,7 @@ def main(model_dir: str, train: str, out_dir: str, scenario: str = "faults") -> 
               "skipped_steps": result.skipped_steps, "verdicts": probe.verdicts, "digests": probe.digests,
               "lrs": probe.lrs, "events": [(e["kind"], e["guard"], e["step"]) for e in events]}
     (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    torch.distributed.barrier()  # left open, gloo's threads can abort the process at exit
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -112,7 +112,10 @@ def test_32b_from_the_builtin_sizes_bad_lr_and_the_weights_arithmetic(tmp_path, 
 def test_an_offloaded_snapshot_costs_no_gpu_memory(tmp_path, tiny_assets):
     report = as_json(tmp_path, tiny_assets, snapshots={"offload": True})
     (snapshot,) = [line for line in report["memory"]["lines"] if line["what"].startswith("verified snapshot")]
-    assert snapshot["gib"] == 0 and "CPU memory" in snapshot["what"]
+    assert snapshot["arithmetic"] == "0 B on the GPU" and "CPU memory" in snapshot["what"]
+    on_gpu = as_json(tmp_path, tiny_assets, snapshots={"offload": False})
+    (kept,) = [line for line in on_gpu["memory"]["lines"] if line["what"].startswith("verified snapshot")]
+    assert kept["arithmetic"] != "0 B on the GPU", "without offload the copy is counted on the GPU"
 
 
 def test_too_little_memory_fails_with_the_arithmetic(tmp_path, tiny_assets):

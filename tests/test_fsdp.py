@@ -1,6 +1,6 @@
 """FSDP2 on two CPU ranks (gloo, torchrun): the guarded step on sharded parameters, for real.
 
-tests/fsdp_worker.py runs the Trainer's own FSDP2 path (``training.fsdp = "full_shard"``, fsdp_config
+tests/fsdp_worker.py runs the Trainer's own FSDP2 path (``training.fsdp = true``, fsdp_config
 version 2) with only accelerate's accelerator-only gate lifted, or ``fully_shard`` on a small MLP for the
 engine functions. Faults hit rank 1 only. Each launch takes 5-15 s on 2 cores; a hang fails at the timeout.
 """
