@@ -201,7 +201,8 @@ def _bnb_config(quantization: Any) -> Any:
         bnb_4bit_use_double_quant=quantization.double_quant,
         bnb_4bit_compute_dtype=_torch_dtype(quantization.compute_dtype, "quantization.compute_dtype"),
         llm_int8_skip_modules=list(quantization.skip_modules),
-        bnb_4bit_quant_storage=_torch_dtype(quantization.quant_storage, "quantization.quant_storage"),
+        # getattr: callers may pass any object with the section's older fields (tests, scripts).
+        bnb_4bit_quant_storage=_torch_dtype(getattr(quantization, "quant_storage", "uint8"), "quantization.quant_storage"),
     )
 
 
