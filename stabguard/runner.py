@@ -23,6 +23,9 @@ EVENTS_FILE = "events.jsonl"
 
 @dataclass
 class RunResult:
+    """What a run did. Dropped steps (no update applied) are of two kinds, counted apart: ``skipped_steps``
+    (SKIP verdicts) and ``rollbacks`` (ROLLBACK verdicts: dropped, and the last verified state restored)."""
+
     output_dir: Path
     stop_reason: str | None
     global_step: int
@@ -30,10 +33,15 @@ class RunResult:
     trainer: object = None
     run_id: str = ""
     error: str = ""  # a STOP made from a hook that raised: "crash" or "refused"
+    rollbacks: int = 0
 
     @property
     def ok(self) -> bool:
         return self.stop_reason is None
+
+    @property
+    def dropped_steps(self) -> int:
+        return self.skipped_steps + self.rollbacks
 
 
 def say(message: str) -> None:
@@ -78,10 +86,13 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog, args):
     """Load data and model, run the set-up hooks, and return a ready GuardTrainer."""
     from stabguard.collate import ChatCollator
     from stabguard.data import ConversationDataset
-    from stabguard.models import load_model
+    from stabguard.models import ensure_model, load_model
     from stabguard.trainer import GuardTrainer
 
+    # Assets a recipe builds on first use (synthetic data, the tiny model) are made before seeding: a
+    # first run, which builds them, must train exactly like every later run, which reuses them.
     ensure_data(recipe)
+    ensure_model(recipe.model)
     bad = {"policy": recipe.data.bad_rows, "events": events, "text_only_image": recipe.data.text_only_image}
     train = ConversationDataset(recipe.data.train, **bad)
     val = ConversationDataset(recipe.data.val, **bad) if recipe.data.val else None
@@ -99,12 +110,22 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog, args):
                         snapshot_every=recipe.snapshots.every, snapshot_offload=recipe.snapshots.offload)
 
 
+def run_arguments(recipe: Recipe) -> dict:
+    """The recipe's training arguments. Off a terminal (a log file, CI) no progress bars: their
+    carriage-return updates would share lines with the step lines. ``disable_tqdm`` in the recipe wins."""
+    args = recipe.training_arguments()
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" and the like
+        args.setdefault("disable_tqdm", True)
+    return args
+
+
 def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: Plugins | None = None) -> RunResult:
     """Run a recipe end to end. A STOP verdict returns a result with ``stop_reason`` set."""
     recipe, plugins = prepare(recipe_path, plugins)
     enabled = plugins.enable_guards(recipe.guards)
     output_dir = Path(recipe.training["output_dir"])
-    args = transformers.TrainingArguments(**recipe.training_arguments())  # under torchrun: joins the group
+    args = transformers.TrainingArguments(**run_arguments(recipe))  # under torchrun: joins the group
     rank = args.process_index
     echo = ConsoleEcho() if rank == 0 else None  # each decision as one line as it happens
     events = EventLog(output_dir / EVENTS_FILE, on_alert=lambda alert: plugins.hook.on_alert(alert=alert),
@@ -128,7 +149,8 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         if verdict is None:
             trainer.save_model()
         return RunResult(output_dir, trainer.stop_reason or (verdict and verdict.reason), trainer.state.global_step,
-                         trainer.skipped_steps, trainer, events.run, verdict.error if verdict else "")
+                         trainer.skipped_steps, trainer, events.run, verdict.error if verdict else "",
+                         trainer.guarded.rollbacks)
     except Exception as exc:
         # The reason goes into the log beside every decision before it; checkpoints already written stay.
         events.record("core", "error", f"{type(exc).__name__}: {exception_text(exc)}")

@@ -173,16 +173,21 @@ class SkipAtSteps:
             return Verdict.skip("test", "skip-at")
 
 
-def test_the_same_seed_gives_the_same_losses_and_grad_norms(tmp_path, tiny_assets):
-    """LoRA's initialisation, the data order and dropout all follow training.seed."""
-    runs = []
-    for i in range(2):
+def test_the_same_seed_gives_the_same_losses_and_grad_norms_first_run_included(tmp_path):
+    """LoRA's initialisation, the data order and dropout all follow training.seed. The first run builds
+    the tiny model and the data (which draws random numbers); every later run reuses them: all train alike."""
+    assets = {"model": tmp_path / "assets" / "model", "train": tmp_path / "assets" / "data" / "train.jsonl"}
+
+    def run_with_seed(name: str, seed: int):
         probe = StepProbe()
-        (tmp_path / str(i)).mkdir()
-        run_guarded(tmp_path / str(i), tiny_assets, probe, training={"max_steps": 4, "seed": 7})
-        runs.append((probe.losses, probe.norms))
-    assert runs[0] == runs[1]
-    other = StepProbe()
-    (tmp_path / "other").mkdir()
-    run_guarded(tmp_path / "other", tiny_assets, other, training={"max_steps": 4, "seed": 8})
-    assert other.norms != runs[0][1], "a different seed gives a different run (the test can fail)"
+        recipe = tiny_recipe(assets, tmp_path / name / "out", training={"max_steps": 4, "seed": seed})
+        recipe["model"]["tiny"] = {"seed": 0}
+        recipe["data"]["synth"] = {"n": 6, "seed": 0, "size": 128}
+        (tmp_path / name).mkdir()
+        stabguard.runner.run(write_recipe(tmp_path / name / "recipe.toml", recipe), plugins=guard_plugins(probe))
+        return probe.losses, probe.norms
+
+    first = run_with_seed("first", 7)
+    assert (assets["model"] / "config.json").is_file(), "the first run built the model"
+    assert first == run_with_seed("second", 7), "a run that reuses the built assets trains like the first"
+    assert run_with_seed("other", 8)[1] != first[1], "a different seed gives a different run (the test can fail)"
