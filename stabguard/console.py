@@ -27,7 +27,8 @@ STYLES = {"skip": "yellow", "stop": "bold red", "error": "bold red", "alert": "m
 
 # Log keys worth a glance, in this order, with the label they get on the console.
 LOG_KEYS = {"loss": "loss", "grad_norm": "grad", "stabguard/grad_norm_max_since_log": "max grad",
-            "learning_rate": "lr", "stabguard/skipped_steps": "skipped", "stabguard/nonfinite_steps": "nonfinite"}
+            "learning_rate": "lr", "stabguard/skipped_steps": "skipped", "stabguard/rollbacks": "rolled back",
+            "stabguard/nonfinite_steps": "nonfinite"}
 
 
 def _number(value: Any) -> str:
@@ -43,6 +44,7 @@ def log_line(event: dict) -> Text | None:
     """``step 12  loss 6.951  grad 0.383  lr 0.002435``: the Trainer's log dict, cut to what matters."""
     values = event.get("values") or {}
     redundant = {"skipped": not values.get("stabguard/skipped_steps"),
+                 "rolled back": not values.get("stabguard/rollbacks"),
                  "nonfinite": not values.get("stabguard/nonfinite_steps"),
                  "max grad": values.get("stabguard/grad_norm_max_since_log") == values.get("grad_norm")}
     parts = [f"{label} {_number(values[key])}" for key, label in LOG_KEYS.items()

@@ -45,6 +45,25 @@ class Diagnosis:
         return "\n".join(f"[{f.severity}] {f.text}" for f in self.findings)
 
 
+def dropped_text(skipped: int, rollbacks: int) -> str:
+    """One count of the steps that applied no update, with each kind named: "2 dropped: 1 skipped, 1 rolled back"."""
+    if not skipped + rollbacks:
+        return "none dropped"
+    kinds = [f"{skipped} skipped"] * bool(skipped) + [f"{rollbacks} rolled back"] * bool(rollbacks)
+    return f"{skipped + rollbacks} dropped: {', '.join(kinds)}"
+
+
+def dropped_counts(run: RunState) -> tuple[int, int]:
+    """(skipped, rolled back) steps of a run: from its events, else from the last logged counters."""
+    if run.events:
+        return len(run.events_of("skip")), len(run.events_of("rollback"))
+    return _last_count(run, "stabguard/skipped_steps"), _last_count(run, "stabguard/rollbacks")
+
+
+def _last_count(run: RunState, key: str) -> int:
+    return int(max((v for _, v in run.column(key) if math.isfinite(v)), default=0))
+
+
 # -- the run's series ------------------------------------------------------------------------------
 
 def losses(run: RunState) -> list[tuple[int, float]]:
@@ -187,8 +206,8 @@ def skip_findings(run: RunState) -> list[Finding]:
     """Skips grouped by cause; causes that differ only in their numbers form one group ("e.g. …")."""
     skips = run.events_of("skip")
     if not skips:
-        counted = max((v for _, v in run.column("stabguard/skipped_steps")), default=0)
-        return [Finding("warn", "skip", f"{int(counted)} steps skipped (see events.jsonl)")] if counted else []
+        counted = _last_count(run, "stabguard/skipped_steps")
+        return [Finding("warn", "skip", f"{counted} step{'s' if counted > 1 else ''} skipped (see events.jsonl)")] if counted else []
     causes_at = stated_causes(run)
     groups: dict[str, tuple[list[int], set[str]]] = {}
     for e in skips:

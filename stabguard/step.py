@@ -216,9 +216,9 @@ class GuardedStep:
         if verdict.action == Action.SKIP:
             self.skipped_steps += 1
             self.events.record(who, "skip", f"step {state.step} skipped: {verdict.reason}", step=state.step,
-                               skipped_steps=self.skipped_steps, reason=verdict.reason, step_samples=state.samples)
+                               skipped_steps=self.skipped_steps, reason=verdict.reason, step_samples=state.samples,
+                               **state.host())
         elif verdict.action == Action.ROLLBACK:
-            self.skipped_steps += 1
             undone, self.since_snapshot = self.since_snapshot, {}
             if state.restored_step is None:
                 message = f"step {state.step} skipped (no verified snapshot yet to roll back to): {verdict.reason}"
@@ -228,7 +228,7 @@ class GuardedStep:
                            f"({verdict.reason})")
             self.events.record(who, "rollback", message, step=state.step, restored_step=state.restored_step,
                                reason=verdict.reason, skipped_samples=state.samples, undone_samples=undone,
-                               skipped_steps=self.skipped_steps)
+                               rollbacks=self.rollbacks, **state.host())
             self.events.alert(who, f"rolled back to the state after step {state.restored_step} at step {state.step}"
                               if state.restored_step is not None else message, step=state.step)
 

@@ -177,6 +177,7 @@ class GuardedTrainer:
 
     @property
     def skipped_steps(self) -> int:
+        """Steps a SKIP verdict dropped (rolled-back steps are counted in ``guarded.rollbacks``)."""
         return self.guarded.skipped_steps
 
     # -- optimizer ---------------------------------------------------------------------------------
@@ -314,8 +315,8 @@ class GuardedTrainer:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "grad_norm" in logs:  # training log lines, not the final summary
             self._average_over_kept_steps(logs)
-            logs["stabguard/skipped_steps"] = self.guarded.skipped_steps  # rolled-back steps included
-            logs["stabguard/rollbacks"] = self.guarded.rollbacks
+            logs["stabguard/skipped_steps"] = self.guarded.skipped_steps  # SKIP verdicts
+            logs["stabguard/rollbacks"] = self.guarded.rollbacks  # ROLLBACK verdicts: the other dropped steps
             self.call_after_step(self.plugins.hook.on_log, logs=logs, state=self.last_step)
             # trainer_state.json is only rewritten at checkpoints; this line lets a monitor follow live.
             self.events.record("core", "log", "", step=self.state.global_step, **logs)

@@ -100,7 +100,7 @@ def main(model_dir: str, train: str, out_dir: str, scenario: str = "faults") -> 
     events = [e for e in result.trainer.events.events if e["kind"] in ("skip", "rollback", "stop")]
     report = {"rank": rank, "world_size": torch.distributed.get_world_size(), "ok": result.ok,
               "stop_reason": result.stop_reason, "error": result.error, "run": result.run_id,
-              "skipped_steps": result.skipped_steps, "verdicts": probe.verdicts, "digests": probe.digests,
+              "dropped_steps": result.dropped_steps, "verdicts": probe.verdicts, "digests": probe.digests,
               "lrs": probe.lrs, "events": [(e["kind"], e["guard"], e["step"]) for e in events]}
     (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
     close_process_group()

@@ -33,8 +33,9 @@ def test_a_log_event_is_a_compact_line_of_the_numbers_that_matter():
     logs = {"loss": 7.2341, "grad_norm": 0.38661, "learning_rate": 0.001, "stabguard/skipped_steps": 0,
             "stabguard/optimizer_state_bytes_per_param": 8.0, "epoch": 0.5}
     assert render(event("log", step=2, guard="core", **logs)).plain == "step     2 loss 7.234  grad 0.3866  lr 0.001"
-    with_skips = render(event("log", step=4, guard="core", loss=1.0, **{"stabguard/skipped_steps": 2})).plain
-    assert with_skips.endswith("skipped 2")
+    with_skips = render(event("log", step=4, guard="core", loss=1.0, **{"stabguard/skipped_steps": 2,
+                                                                         "stabguard/rollbacks": 1})).plain
+    assert with_skips.endswith("skipped 2  rolled back 1")
     peaked = render(event("log", guard="core", grad_norm=0.4, **{"stabguard/grad_norm_max_since_log": 0.9})).plain
     assert peaked.endswith("grad 0.4  max grad 0.9")
 

@@ -8,30 +8,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from support_launch import torchrun
 
 from stabguard.events import read_events
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.engines, pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available() and importlib.util.find_spec("torch.distributed.run")),
     reason="needs torch.distributed with the gloo backend and torchrun",
-)
+)]
 
 
 def launch(tiny_assets, out: Path, scenario: str = "faults") -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), str(tiny_assets["model"]), str(tiny_assets["train"]), str(out), scenario]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # a hang fails here
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun(WORKER, tiny_assets["model"], tiny_assets["train"], out, scenario,
+             what=f"DDP '{scenario}' on 2 ranks (tests/dist_worker.py)")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -41,7 +36,7 @@ def test_faults_on_one_rank_are_decided_alike_on_both(tmp_path, tiny_assets):
     dropped = [int(s) for s, v in rank0["verdicts"].items() if v != "PROCEED"]
     assert dropped == [2, 4, 7], "rank 1's NaN loss, its NaN gradient and its loss spike"
     assert rank0["verdicts"]["7"] == "ROLLBACK"
-    assert rank0["verdicts"] == rank1["verdicts"] and rank0["skipped_steps"] == rank1["skipped_steps"] == 3
+    assert rank0["verdicts"] == rank1["verdicts"] and rank0["dropped_steps"] == rank1["dropped_steps"] == 3
     assert rank0["digests"] == rank1["digests"], "the ranks' weights must stay bit-identical"
     digests = rank0["digests"]
     assert digests["2"] == digests["1"] and digests["4"] == digests["3"], "a skipped step changes nothing"

@@ -23,6 +23,8 @@ from stabguard.diagnosis import (
     brief,
     clip_value,
     diagnose,
+    dropped_counts,
+    dropped_text,
     grad_norms,
     losses,
     num,
@@ -118,11 +120,10 @@ def lr_row(run: RunState) -> Row:
 
 
 def event_rows(run: RunState, last: int = 3) -> list[Row]:
-    skips = run.events_of("skip")
-    counted = max((v for _, v in run.column("stabguard/skipped_steps")), default=0)
-    count = len(skips) if run.events else int(counted)  # the counter also counts a stop's dropped step
-    where = f" (last at step {skips[-1].get('step')})" if skips else ""
-    rows = [Row("skipped", f"{count} step{'s' if count != 1 else ''}{where}", "warn" if count else "ok")]
+    skipped, rolled_back = dropped_counts(run)
+    dropped = run.event_steps("skip", "rollback")
+    where = f" (last at step {dropped[-1]})" if dropped else ""
+    rows = [Row("dropped", f"{dropped_text(skipped, rolled_back)}{where}", "warn" if skipped + rolled_back else "ok")]
     alerts = run.events_of("alert", "rollback", "stop")
     counts = [f"{len(run.events_of(k))} {k}{'s' if len(run.events_of(k)) > 1 else ''}"
               for k in ("alert", "rollback", "stop") if run.events_of(k)]

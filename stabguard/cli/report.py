@@ -20,6 +20,8 @@ from stabguard.diagnosis import (
     alert_threshold,
     clip_value,
     diagnose,
+    dropped_counts,
+    dropped_text,
     grad_norms,
     losses,
 )
@@ -138,9 +140,21 @@ def run_facts(run: RunState, clip: float | None, alert: float) -> list[str]:
     state = "stopped" if run.events_of("stop") else "finished" if run.finished else "running"
     done = f", {state}" + (f" in {runtime:.0f} s" if runtime else "")
     source = run.source.relative_to(run.output_dir) if run.source.is_relative_to(run.output_dir) else run.source
-    events = f"{len(run.events)} events" if run.events else "no events.jsonl (plain Trainer run)"
-    return [f"step {run.global_step}{total}{done}", f"from {source}; {events}",
-            f"{len(run.history)} log lines; clip {f'{clip:g}' if clip else 'unknown'}; alert line {alert:g}", ""]
+    events = f"and {len(run.events)} events" if run.events else "(no events.jsonl: a plain Trainer run)"
+    clipped = f"gradients clipped at {clip:g}" if clip else "clipping not recorded"
+    facts = [f"step {run.global_step}{total}{done}", f"read from {source} {events}",
+             f"{len(run.history)} training log lines; {clipped}; alert line at grad norm {alert:g}"]
+    if run.events or run.column("stabguard/skipped_steps"):
+        facts.append(f"steps without an update: {dropped_text(*dropped_counts(run))}")
+    return facts + [""]
+
+
+def rejected_losses(run: RunState) -> list[tuple[int, float]]:
+    """The loss of each skipped or rolled-back step, as its event recorded it: the Trainer's log leaves
+    dropped steps out, so without these a rollback's spike would not show beside its line."""
+    points = [(e["step"], as_float((e.get("values") or {}).get("loss"))) for e in run.events_of("skip", "rollback")
+              if isinstance(e.get("step"), int)]
+    return [(s, v) for s, v in points if v is not None and math.isfinite(v)]
 
 
 def draw(run: RunState, *, clip: float | None = None, alert: float | None = None):
@@ -158,6 +172,10 @@ def draw(run: RunState, *, clip: float | None = None, alert: float | None = None
     ax_lr = fig.add_subplot(grid[2, 0], sharex=ax_loss)
     plot_series(ax_loss, losses(run), "NaN (or 0.0 beside a NaN grad norm)", color="#1e88e5", marker=".",
                 linewidth=1.4, label="loss")
+    rejected = rejected_losses(run)
+    if rejected:
+        ax_loss.scatter(*zip(*rejected), s=60, facecolors="none", edgecolors=COLORS["rollback"], linewidths=1.6,
+                        zorder=6, label="loss of a dropped step (not trained on)")
     plot_grad_norm(ax_grad, run, clip, alert)
     plot_lr(ax_lr, run)
     mark_events([ax_loss, ax_grad, ax_lr], run)

@@ -53,7 +53,9 @@ def command(recipe, resume):
         for hint in hints_for(result.output_dir, result.stop_reason):
             click.echo(f"stabguard: try: {hint}", err=True)
         raise SystemExit({"crash": EXIT_CRASHED, "refused": EXIT_GUARD}.get(result.error, EXIT_STOPPED))
-    click.echo(f"stabguard: done: {result.global_step} steps ({result.skipped_steps} skipped); "
+    from stabguard.diagnosis import dropped_text
+
+    click.echo(f"stabguard: done: {result.global_step} steps ({dropped_text(result.skipped_steps, result.rollbacks)}); "
                f"outputs in {result.output_dir}")
 
 

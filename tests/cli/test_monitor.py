@@ -46,7 +46,7 @@ def test_plain_hf_run_with_nans_is_unhealthy(tmp_path):
     assert row["grad norm"].startswith(f"pre-clip {num(last['grad_norm'])}, no clip (step {last['step']}; "
                                        "fine < 1, trouble > 10)")
     assert row["lr"].startswith(f"{last['learning_rate']:.2e} (decaying")
-    assert row["skipped"] == "0 steps" and row["alerts"] == "none"
+    assert row["dropped"] == "none dropped" and row["alerts"] == "none"
     assert "non-finite grad norm at steps 150–155" in row["diagnosis"]
 
 
@@ -139,7 +139,7 @@ def test_real_stopped_run_is_unhealthy(stopped_run):
     skips = [e["step"] for e in events if e["kind"] == "skip"]
     row = rows(result.output)
     assert row["status"] == "TROUBLE" and row["time"] == "run stopped"
-    assert row["skipped"] == f"{len(skips)} step (last at step {skips[-1]})"
+    assert row["dropped"] == f"{len(skips)} dropped: {len(skips)} skipped (last at step {skips[-1]})"
     assert row["alerts"].endswith("1 stop") and row["grad norm"].startswith("pre-clip nan, clip 1 ")
     assert row["diagnosis"].startswith("[trouble] run stopped at step 3") and "checkpoint-2" in result.output
 

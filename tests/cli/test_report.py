@@ -45,7 +45,8 @@ def test_plain_hf_run_report(tmp_path):
     assert scatter_x(ax_loss, "NaN (or 0.0 beside a NaN grad norm)") == list(nans)
     assert len(ax_lr.get_lines()[0].get_xdata()) == 60
     text = page_text(fig)
-    assert "Diagnosis: TROUBLE" in text and "no events.jsonl (plain Trainer run)" in text
+    assert "Diagnosis: TROUBLE" in text and "(no events.jsonl: a plain Trainer run)" in text
+    assert "60 training log lines; clipping not recorded; alert line at grad norm 10" in text
     for finding in diagnosis.findings:
         assert finding.text.split()[0] in text and finding.text[-12:].strip() in text
 
@@ -61,8 +62,11 @@ def test_markers_for_skips_alerts_rollbacks_and_a_stop(tmp_path):
     alerts = (120, 125, 130)
     write_events(tmp_path, [("nonfinite", "skip", 150, "step 150 skipped: non-finite gradients", {})]
                  + [("grad_norm", "alert", s, "grad norm high", {"grad_norm": 12.0, "threshold": 10.0}) for s in alerts]
-                 + [("spike", "rollback", 200, "rolled back", {}), ("nonfinite", "stop", 290, "stopped", {})])
+                 + [("spike", "rollback", 200, "rolled back", {"loss": 9.5}), ("nonfinite", "stop", 290, "stopped", {})])
     fig, diagnosis = draw(load_run(tmp_path))
+    (rejected,) = [c for c in fig.axes[0].collections if c.get_label() == "loss of a dropped step (not trained on)"]
+    assert rejected.get_offsets().tolist() == [[200, 9.5]], "the rolled-back step's loss is marked beside its line"
+    assert "steps without an update: 2 dropped: 1 skipped, 1 rolled back" in page_text(fig)
     for ax in fig.axes[:3]:
         assert vertical_lines(ax, COLORS["skip"]) == [150]
         assert vertical_lines(ax, COLORS["rollback"]) == [200]

@@ -112,7 +112,7 @@ def test_loss_spike_in_a_real_run_rolls_back_and_names_the_skipped_samples(tmp_p
     batches, probe = PoisonBatch(at=()), StepProbe(keep=range(1, 9))  # PoisonBatch only records the ids
     result, _ = run_guarded(tmp_path, tiny_assets, LossFault(at={6}, scale=50.0), batches, probe,
                             training={"max_steps": 8}, guards={"spike": FAST})
-    assert result.ok and result.skipped_steps == 1 and probe.steps("ROLLBACK") == [6]
+    assert result.ok and (result.skipped_steps, result.rollbacks) == (0, 1) and probe.steps("ROLLBACK") == [6]
     # The weights after step 5 produced the spike: the last verified state is the one after step 4.
     assert same_state(probe.after[6], probe.after[4]), "step 6 must end with the state after step 4"
     assert not same_state(probe.after[6], probe.before[6])
@@ -176,7 +176,7 @@ def damaged_run(tmp_path, tiny_assets, *, spike: bool, snapshots: int):
 def test_a_finite_damaging_update_is_undone(tmp_path, tiny_assets, snapshots, restored):
     """Every step (the default) and every 5 steps, with the damage on a step a snapshot would follow."""
     result, before, after = damaged_run(tmp_path, tiny_assets, spike=True, snapshots=snapshots)
-    assert result.ok and result.skipped_steps == 1
+    assert result.ok and (result.skipped_steps, result.rollbacks) == (0, 1)
     (rollback,) = [e for e in read_events(result.output_dir / "events.jsonl") if e["kind"] == "rollback"]
     assert rollback["step"] == DAMAGE_AT + 1 and rollback["values"]["restored_step"] == restored
     assert rollback["values"]["skipped_samples"], "the rollback names the samples it skipped"
