@@ -129,20 +129,10 @@ def check_model_files(recipe, report: Report) -> bool:
 
 # -- data ------------------------------------------------------------------------------------------
 
-def make_data_hint(path: str, hinted: set) -> list[str]:
-    """The commands that write a missing data file (once per folder): the usual first stumble on a fresh clone."""
-    if Path(path).exists() or Path(path).parent in hinted:
-        return []
-    hinted.add(Path(path).parent)
-    out = Path(path).parent
-    return [f"make it first: stabguard data synth-pcb --out {out} --n 2000 --size 640   (synthetic, minutes)",
-            f"           or: stabguard data import-deeppcb --src PATH/TO/DeepPCB/PCBData --out {out}"]
-
-
 def check_data(recipe, report: Report, rows: int, images: int, progress: ProgressFn | None = None) -> bool:
     from stabguard.data import check_images, check_rows
 
-    ok, hinted = True, set()
+    ok = True
     for split, path in (("train", recipe.data.train), ("val", recipe.data.val)):
         if path is None:
             continue
@@ -150,8 +140,7 @@ def check_data(recipe, report: Report, rows: int, images: int, progress: Progres
         problems = check_rows(path, limit=rows, progress=shown) + check_images(path, sample=images, progress=shown)
         if problems:
             ok = False
-            report.add("data", "error", f"{split} {path}: {len(problems)} problem(s)",
-                       problems[:20] + make_data_hint(path, hinted))
+            report.add("data", "error", f"{split} {path}: {len(problems)} problem(s)", problems[:20])
         else:
             report.add("data", "ok", f"{split} {path}: first {rows} rows valid, up to {images} images decoded")
     return ok

@@ -26,3 +26,17 @@ def command(recipe):
         raise SystemExit(2) from None
     enabled = [name for name, opts in loaded.guards.items() if opts.enabled]
     click.echo(f"OK {recipe}: model {loaded.model.name_or_path}, guards {', '.join(enabled) or 'none'}")
+    for key, message in missing_data(loaded):
+        click.echo(f"  note: {key}: {message}", err=True)
+
+
+def missing_data(recipe) -> list[tuple[str, str]]:
+    """Data files the run would not find (a recipe with ``data.synth`` generates its own on first use)."""
+    from pathlib import Path
+
+    from stabguard.data import missing_file
+
+    if recipe.data.synth is not None:
+        return []
+    paths = {"data.train": recipe.data.train, "data.val": recipe.data.val}
+    return [(key, missing_file(path)) for key, path in paths.items() if path and not Path(path).is_file()]

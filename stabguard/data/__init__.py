@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stabguard.data.jsonl import ConversationDataset, DataError, check_images, check_rows, row_problems
+from stabguard.data.jsonl import ConversationDataset, DataError, check_images, check_rows, missing_file, row_problems
 from stabguard.data.synth import DEFECT_CLASSES, Board, make_board, synth_pcb
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "check_images",
     "check_rows",
     "make_board",
+    "missing_file",
     "row_problems",
     "synth_pcb",
 ]

@@ -127,6 +127,14 @@ def row_problems(row: Any, base: Path) -> list[str]:
 PROGRESS_EVERY = 500  # rows between progress reports: often enough to see, rare enough to cost nothing
 
 
+def missing_file(path: str | Path) -> str:
+    """A data file that is not there, with the commands that make one (the usual first stumble on a fresh
+    clone); ``validate``, ``check`` and ``run`` all say it in these words."""
+    out = Path(path).parent
+    return (f"{path}: file not found; make it first: stabguard data synth-pcb --out {out} --n 2000 --size 640 "
+            f"(synthetic, minutes), or: stabguard data import-deeppcb --src PATH/TO/DeepPCB/PCBData --out {out}")
+
+
 def _line_count(path: Path, limit: int | None) -> int:
     with path.open("rb") as f:  # bytes: a fast pass, no decoding
         total = sum(1 for _ in f)
@@ -138,7 +146,7 @@ def _parse(path: Path, limit: int | None, progress: ProgressFn | None = None,
     """(line number, row) for every valid row, and ``path:line: ...`` for every problem;
     ``progress(what, lines done, lines)`` every PROGRESS_EVERY lines and at the end."""
     if not path.is_file():
-        return [], [f"{path}: file not found"]
+        return [], [missing_file(path)]
     total = _line_count(path, limit) if progress else 0
     rows, problems = [], []
     with path.open(encoding="utf-8") as f:
@@ -248,6 +256,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.rows, problems = _parse(self.path, None, progress, "rows loaded")
         self.skipped: list[str] = []
         self._bad: set[int] = set()
+        if not self.path.is_file():
+            raise DataError(missing_file(self.path))
         if problems and (policy == "error" or not self.rows):
             _raise_problems(self.path, problems, max_errors)
         by_row: dict[str, list[str]] = {}  # one skip per row, with every reason it has

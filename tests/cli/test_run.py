@@ -30,6 +30,7 @@ def test_stop_verdict_exits_3_with_reason_checkpoint_and_hints(tmp_path, tiny_as
     assert "the last verified state (after step 0) is saved as " in result.output
     assert "checkpoint-1; resume with --resume " in result.output
     assert "try:" in result.output  # hints tied to the run
+    assert "\r" not in result.output and "it/s]" not in result.output, "off a terminal: whole lines, no progress bar"
     assert (tmp_path / "out" / "checkpoint-1" / "stabguard_state.json").exists()
 
 
@@ -54,3 +55,19 @@ def test_recipe_errors_exit_2(tmp_path):
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 2
     assert "training.warmup_ratio: removed in transformers 5: write warmup_steps = 0.1" in result.output
+
+
+def test_missing_data_is_said_the_same_way_by_validate_check_and_run(tmp_path, tiny_assets):
+    from stabguard.data import missing_file
+
+    missing = tmp_path / "data" / "mypcb" / "train.jsonl"
+    recipe = write_recipe(tmp_path / "r.toml", tiny_recipe({**tiny_assets, "train": missing}, tmp_path / "out"))
+    said = missing_file(missing)
+    assert f"stabguard data synth-pcb --out {missing.parent}" in said and "import-deeppcb" in said
+    validated = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert validated.exit_code == 0 and f"note: data.train: {said}" in validated.output
+    checked = CliRunner().invoke(main, ["check", str(recipe)])
+    assert checked.exit_code == 1 and said in checked.output
+    ran = CliRunner().invoke(main, ["run", str(recipe)])
+    assert ran.exit_code == 1 and f"stabguard: refused: {said}" in ran.output
+    assert not (tmp_path / "out" / "checkpoint-1").exists()

@@ -120,7 +120,8 @@ def test_check_rows_returns_problems_without_raising(tmp_path):
     problems = check_rows(path)
     assert [p.split(": ")[0] for p in problems] == [f"{path}:2", f"{path}:3"]
     assert check_rows(path, limit=1) == []
-    assert check_rows(tmp_path / "missing.jsonl") == [f"{tmp_path / 'missing.jsonl'}: file not found"]
+    (missing,) = check_rows(tmp_path / "missing.jsonl")
+    assert missing.startswith(f"{tmp_path / 'missing.jsonl'}: file not found; make it first: stabguard data synth-pcb")
     assert check_rows(_write(tmp_path / "empty.jsonl", [""])) == [f"{tmp_path / 'empty.jsonl'}: no rows"]
 
 
