@@ -114,7 +114,8 @@ def cpu_summary(recipe) -> str:
     if quant.load_in_4bit:
         parts.append(f"4-bit {quant.quant_type} weights through bitsandbytes' CPU backend (slow)")
     if guard_enabled(recipe, "optim8bit"):
-        parts.append("AdamW8bit runs on the CPU (paged = true is ignored there)")
+        paged = getattr(recipe.guards["optim8bit"], "paged", False)
+        parts.append("AdamW8bit runs on the CPU" + (" (paged = true is ignored there)" if paged else ""))
     return "; ".join(parts)
 
 

@@ -26,11 +26,12 @@ def checkpoint(tmp_path, **config):
     return folder
 
 
-def recipe(path, *, training=None, dtype="auto", four_bit=False, compute="bfloat16", model_class=None, optim=True):
+def recipe(path, *, training=None, dtype="auto", four_bit=False, compute="bfloat16", model_class=None, optim=True,
+           paged=False):
     model = ModelSection(name_or_path=str(path), dtype=dtype, **({"model_class": model_class} if model_class else {}))
     return SimpleNamespace(model=model, training={"output_dir": "out", **(training or {})}, lora=LoraSection(),
                            quantization=QuantizationSection(load_in_4bit=four_bit, compute_dtype=compute),
-                           guards={"optim8bit": optim8bit.Options(enabled=optim)})
+                           guards={"optim8bit": optim8bit.Options(enabled=optim, paged=paged)})
 
 
 def configure(rcp, **options):
@@ -77,6 +78,10 @@ def test_on_cpu_it_says_what_really_runs(tmp_path):
     summary = next(e["message"] for e in events.of_kind("info") if e["message"].startswith("on CPU"))
     assert "weights float32 (dtype auto loads float32 on CPU)" in summary
     assert "fp16 = true has no effect on CPU" in summary and "AdamW8bit runs on the CPU" in summary
+    assert "paged" not in summary, "nothing is said about a setting the recipe does not make"
+    (tmp_path / "p").mkdir()
+    paged = configure(recipe(checkpoint(tmp_path / "p", dtype="float32"), paged=True))
+    assert any("(paged = true is ignored there)" in e["message"] for e in paged.of_kind("info"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU summary")
