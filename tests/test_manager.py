@@ -188,3 +188,19 @@ def test_entry_point_plugins_are_announced_with_package_and_version(third_party,
     assert ours == [{"plugin": "counting", "package": "sg-thirdparty 1.2.3", "guards": {"counting": False}}]
     assert ("stabguard: plugin counting from sg-thirdparty 1.2.3 (entry point); guards: counting off "
             "(no [guards.counting] in the recipe)") in capsys.readouterr().err
+
+
+def test_the_readme_guard_table_names_every_hook_each_built_in_guard_implements():
+    """README's "The built-in guards" table is checked against the guards themselves (bookkeeping hooks aside)."""
+    import re
+    from pathlib import Path
+
+    plugins = Plugins.for_recipe(autoload=False)
+    plugins.enable_guards({name: spec.options() for name, spec in plugins.guards.items()})
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([\w, ]+) \|", readme, flags=re.M))
+    assert set(table) == set(plugins.guards), "one row per built-in guard"
+    bookkeeping = {"register_guards", "state_dict", "load_state_dict"}
+    for name, spec in plugins.guards.items():
+        hooks = set(plugins.hooks_of(f"guard:{name}")) | set(plugins.hooks_of(spec.provided_by))
+        assert set(table[name].split(", ")) == hooks - bookkeeping, name

@@ -54,4 +54,9 @@ def command(name, out):
         raise click.BadParameter(f"{target} exists and is not empty", param_hint="--out")
     for path in render(name, target):
         click.echo(f"wrote {path}")
-    click.echo(f"next: pip install -e {target} && python -m pytest {target}")
+    click.echo(f"next: {next_command(target)}")
+
+
+def next_command(target: Path) -> str:
+    """Install the package with its test extra (pytest), then run its tests with that environment's Python."""
+    return f"pip install -e '{target}[test]' && python -m pytest {target}"

@@ -38,3 +38,19 @@ def test_the_generated_package_installs_and_passes_its_own_tests(tmp_path):
         assert "4 passed" in tested.stdout
     finally:
         subprocess.run([*pip, "uninstall", "-y", "stabguard-loss-ceiling"], capture_output=True, env=env)
+
+
+def test_the_next_step_it_prints_is_the_one_the_readme_gives(tmp_path, monkeypatch):
+    """What new-plugin prints and the README's "Write your own guard" lines are the same commands."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    made = CliRunner().invoke(main, ["new-plugin", "loss_ceiling", "--out", "my-guard"])
+    generated_readme = Path("my-guard/README.md").read_text()
+    assert made.exit_code == 0, made.output
+    (next_line,) = [line for line in made.output.splitlines() if line.startswith("next: ")]
+    command = next_line.removeprefix("next: ")
+    assert "[test]" in command and "python -m pytest" in command, "pytest comes with the package's test extra"
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "stabguard new-plugin loss_ceiling --out my-guard" in readme and command in readme
+    assert "pip install -e '.[test]'" in generated_readme and "https://github.com/)" not in generated_readme
