@@ -6,13 +6,29 @@ entry points turns it back on with monkeypatch.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ["STABGUARD_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed compiles its CPU ops on first use. In the shared ~/.cache/torch_extensions, test runs in two
+# environments rebuilt each other's builds (minutes each); each environment gets a folder of its own.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "stabguard-tests" / "torch_extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
+
+
+def pytest_report_header(config):
+    selected = config.getoption("markexpr") or ""
+    if "engines" in selected and "not engines" not in selected:
+        return ["stabguard: the engine tests (DeepSpeed ZeRO-1/2/3, FSDP2, DDP under torchrun, 2 CPU ranks each): "
+                "about 8 min on 2 cores, plus 2-5 min once per environment to build DeepSpeed's CPU ops"]
+    return ["stabguard: the default suite, about 6 min on 2 idle cores (more under load); the engine tests "
+            "(DeepSpeed, FSDP2, torchrun) are deselected here: tox -e engines, or pytest -m engines"]
 
 
 # ---- core: the tiny demo model and synthetic data, built once per session --------------------------

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-1/2/3 on two CPU ranks (gloo, torchrun): the guarded step inside DeepSpeed's engine, for real.
 
 tests/deepspeed_worker.py runs the Trainer's own DeepSpeed path with DeepSpeed's CPU accelerator; nothing is
-imitated. Faults hit the last rank only. Each launch takes about 10 s on 2 cores (the first one also
-builds DeepSpeed's CPU communication op, about 25 s); a hang fails at the timeout.
+imitated. Faults hit the last rank only. Each launch takes about 10 s on 2 cores; DeepSpeed's CPU ops are
+built before the first one (``deepspeed_cpu_ops``), and a hang fails at the launch's limit (tests/support_launch.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,21 +19,42 @@ import pytest
 import torch
 import torch.distributed as dist
 from support import tiny_recipe, write_recipe
+from support_launch import launch as run_command
+from support_launch import torchrun
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 pytestmark = [
+    pytest.mark.engines,
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed"),
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed, gloo"),
 ]
 
 
+BUILD_OPS = """
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_cpu_ops(request):
+    """DeepSpeed's CPU ops (the shared-memory collective every launch loads, cpu_adam for the offload case),
+    built here once per environment, with a message, rather than inside a launch and its time limit."""
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nstabguard tests: DeepSpeed's CPU ops in {os.environ['TORCH_EXTENSIONS_DIR']} (built on first "
+              "use: minutes on 2 cores, once per environment)", flush=True)
+    run_command([sys.executable, "-c", BUILD_OPS], what="building DeepSpeed's CPU ops (deepspeed_shm_comm, cpu_adam)",
+                limit_s=1800)
+
+
 def launch(out: Path, stage: str, scenario: str, assets) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), stage, str(assets["model"]), str(assets["train"]), str(out), scenario]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=out)  # a hang fails here
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torchrun(WORKER, stage, assets["model"], assets["train"], out, scenario, cwd=out,
+             what=f"DeepSpeed ZeRO-{stage} '{scenario}' on 2 ranks (tests/deepspeed_worker.py)")
     return [json.loads((out / f"rank{r}_{scenario}.json").read_text()) for r in (0, 1)]
 
 
@@ -116,16 +136,10 @@ def test_zero3_on_mixed_image_and_text_only_data_fails_and_the_placeholder_image
     recipe = tiny_recipe(assets, tmp_path / "run", training={"deepspeed": {"zero_optimization": {"stage": 3}},
                                                              "max_steps": 6})
     stabguard = Path(sys.executable).with_name("stabguard")  # as a user launches it: torchrun $(which stabguard)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(stabguard),
-           "run", str(write_recipe(tmp_path / "mixed.toml", recipe))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path)
-        failed, said = proc.returncode != 0, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired:
-        failed, said = True, "(hung)"
-    assert failed, "ZeRO-3 trained on mixed data without the fix: the preflight error may be stale"
-    assert "text_only_image = true" in said, f"the run names the fix:\n{said[-3000:]}"
+    proc = torchrun(stabguard, "run", write_recipe(tmp_path / "mixed.toml", recipe), cwd=tmp_path, check=False,
+                    what="stabguard run under torchrun, ZeRO-3 on mixed image and text-only data")
+    assert proc.returncode != 0, "ZeRO-3 trained on mixed data without the fix: the preflight error may be stale"
+    assert "text_only_image = true" in proc.stdout, f"the run names the fix:\n{proc.stdout[-3000:]}"
     fixed = tmp_path / "fixed"
     fixed.mkdir()
     rank0, rank1 = launch(fixed, "3-textimage", "mixed", assets)

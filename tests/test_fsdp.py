@@ -10,30 +10,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from support_launch import torchrun
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.engines, pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available() and importlib.util.find_spec("torch.distributed.run")),
     reason="needs torch.distributed with the gloo backend and torchrun",
-)
+)]
 
 
 def launch(out: Path, scenario: str, assets=None) -> list[dict]:
-    model, train = (str(assets["model"]), str(assets["train"])) if assets else ("-", "-")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), model, train, str(out), scenario]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STABGUARD_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    model, train = (assets["model"], assets["train"]) if assets else ("-", "-")
+    torchrun(WORKER, model, train, out, scenario, what=f"FSDP2 '{scenario}' on 2 ranks (tests/fsdp_worker.py)")
     return [json.loads((out / f"rank{r}_{scenario}.json").read_text()) for r in (0, 1)]
 
 
