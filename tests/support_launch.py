@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -44,21 +45,29 @@ def launch(cmd: list[str], *, what: str, cwd: Path | None = None, limit_s: float
     limit = hang_limit(limit_s or HANG_LIMIT_S)
     marker = uuid.uuid4().hex
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=launch_env(**{MARKER: marker}), cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        kill_marked(marker)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{what}: still running after {time.monotonic() - started:.0f} s (limit {limit:.0f} s: "
-                             f"a hang, or a machine far too loaded; STABGUARD_TEST_TIMEOUT_SCALE=2 doubles it); "
-                             f"killed with its workers. Command: {' '.join(cmd)}\nLast output:\n{out[-4000:]}") from None
-    finally:
-        kill_marked(marker)
+    # Output to a file, not a pipe: a worker that outlives the command would hold a pipe open.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=launch_env(**{MARKER: marker}), cwd=cwd, text=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            kill_marked(marker)
+            proc.wait()
+            raise AssertionError(f"{what}: still running after {time.monotonic() - started:.0f} s (limit {limit:.0f} s:"
+                                 f" a hang, or a machine far too loaded; STABGUARD_TEST_TIMEOUT_SCALE=2 doubles it); "
+                                 f"killed with its workers. Command: {' '.join(cmd)}\nLast output:\n{_tail(log)}") from None
+        finally:
+            kill_marked(marker)
+        out = _tail(log, 100_000)
     if check:
         assert proc.returncode == 0, f"{what} exited {proc.returncode} after {time.monotonic() - started:.0f} s:\n{out[-6000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _tail(log, size: int = 4000) -> str:
+    log.seek(0)
+    return log.read()[-size:]
 
 
 def torchrun(script: Path | str, *args, what: str, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:
