@@ -4,7 +4,8 @@ A wrong label mask trains silently on the wrong tokens (the prompt, the image pa
 nothing at all (0/0 = NaN). Per sample it checks: something is supervised; no padding, vision or pad
 token is; labels equal the input ids where set (labels are shifted inside the model, not before); the
 supervised share is inside [min_share, max_share]; and in strict mode the supervised tokens are exactly
-the assistant replies plus their end-of-turn token, re-derived here independently of the collator (the
+the assistant replies plus their end-of-turn token (the newline after it may be supervised too, as Qwen's
+own fine-tuning code does), re-derived here independently of the collator (the
 header from the template's generation prompt, replies as spans to the next end token). The first batch
 is decoded into the event log as "what the loss sees". It is collated before step 1, so the error policy
 stops a run before any update; ``markers`` audits, in ``setup_model``, the tokens a hand-written
@@ -25,6 +26,7 @@ from stabguard import GuardError, GuardOptions, hookimpl
 NAME = "mask"
 IGNORE = -100
 _VISION = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
 
 class Options(GuardOptions):
@@ -60,10 +62,11 @@ def check_marker(tokenizer: Any, marker: str) -> int:
 
 class TemplateIds:
     """What the guard reads off the processor: the assistant header is the template's generation prompt,
-    the end-of-turn token is the special token that closes a user turn."""
+    the end-of-turn token is the special token that closes a user turn. A bare tokenizer (what TRL and
+    the frameworks pass as ``processing_class`` for text models) serves as its own processor."""
 
     def __init__(self, processor: Any):
-        self.tokenizer = tok = processor.tokenizer
+        self.tokenizer = tok = getattr(processor, "tokenizer", processor)
         user = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
         render = lambda **kw: tok(processor.apply_chat_template(user, tokenize=False, **kw))["input_ids"]
         bare, prompt = render(), render(add_generation_prompt=True)
@@ -73,8 +76,10 @@ class TemplateIds:
         if prompt[: len(bare)] != bare or not len(self.header) or not closing:
             raise GuardError("mask: cannot read the assistant header and end-of-turn token off the chat template")
         self.end = closing[-1]
+        after = bare[len(bare) - bare[::-1].index(self.end):]  # what the template writes after a turn's end
+        self.after_end = after[0] if after else -1
         forbidden = {getattr(processor, name, None) for name in _VISION} | {tok.pad_token_id}
-        forbidden.add(tok.added_tokens_encoder.get("<|vision_pad|>"))
+        forbidden |= {tok.added_tokens_encoder.get(name) for name in _QWEN_VISION_TOKENS}  # a bare tokenizer too
         # pad = eos setups: the end token stays allowed; the attention mask finds padding
         self.forbidden = np.array(sorted(i for i in forbidden if isinstance(i, int) and i != self.end))
         self._tail = tok.decode([int(self.header[-1])])  # decoded once: merged() runs on every batch
@@ -130,6 +135,15 @@ def expected_supervision(input_ids: Any, attention_mask: Any, t: TemplateIds) ->
     return spans
 
 
+def optional_supervision(input_ids: Any, spans: np.ndarray, t: TemplateIds) -> np.ndarray:
+    """Bool (B, L): the token the template writes right after a reply's end token ("\n" for Qwen). Either
+    way is right: Qwen3-VL's own fine-tuning code and ms-swift supervise it, stabguard's collator does not."""
+    ids = _host(input_ids)
+    closed = np.zeros_like(spans)
+    closed[:, 1:] = spans[:, :-1] & (ids[:, :-1] == t.end)
+    return closed & (ids == t.after_end)
+
+
 class MaskGuard:
     def __init__(self, options: Options, processor: Any = None):
         self.options = options
@@ -142,7 +156,7 @@ class MaskGuard:
         """Read the token ids the checks need (also done by ``setup_model`` in a run)."""
         self.ids = TemplateIds(processor)
         for marker in self.options.markers:
-            check_marker(processor.tokenizer, marker)
+            check_marker(self.ids.tokenizer, marker)
         return self
 
     @hookimpl
@@ -169,7 +183,8 @@ class MaskGuard:
             return self._itemised(batch)
         labels, input_ids, mask = (_host(batch[k]) for k in ("labels", "input_ids", "attention_mask"))
         want = expected_supervision(input_ids, mask, self.ids)
-        same = (labels == np.where(want, input_ids, IGNORE)).all(1)
+        either = optional_supervision(input_ids, want, self.ids) & (labels == input_ids)
+        same = ((labels == np.where(want, input_ids, IGNORE)) | either).all(1)
         lo, hi = self.options.min_share, self.options.max_share
         for ok, n_sup, real in zip(same.tolist(), want.sum(1).tolist(), mask.sum(1).tolist()):
             if not ok or n_sup == 0 or not lo <= n_sup / max(real, 1) <= hi:
@@ -186,8 +201,10 @@ class MaskGuard:
             bad_ids = sup & torch.from_numpy(self.ids.is_forbidden(_host(input_ids))).to(sup.device)
             counts.append(bad_ids.sum(1))
         if self.ids is not None and self.options.strict:
-            want = torch.from_numpy(expected_supervision(input_ids, mask, self.ids)).to(sup.device)
-            extra, missing = sup & ~want, want & ~sup
+            spans = expected_supervision(input_ids, mask, self.ids)
+            want = torch.from_numpy(spans).to(sup.device)
+            either = torch.from_numpy(optional_supervision(input_ids, spans, self.ids)).to(sup.device)
+            extra, missing = sup & ~want & ~either, want & ~sup
             counts += [extra.sum(1), missing.sum(1)]
         table = torch.stack(counts, 1).tolist()
         problems = {row: self._describe(row, c, input_ids, bad_ids, extra, missing) for row, c in enumerate(table)}

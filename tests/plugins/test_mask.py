@@ -78,6 +78,37 @@ def test_the_collators_batches_pass_and_the_first_is_decoded(demo_processor, sid
     assert seen[0]["values"]["spans"] == ["Defect: short.<|im_end|>", "Near the via.<|im_end|>"]
 
 
+def test_the_newline_after_a_reply_s_end_may_be_supervised_as_qwen_s_own_code_does(demo_processor):
+    """Qwen3-VL's fine-tuning code and ms-swift supervise the "\\n" after each <|im_end|>: not a finding.
+    A "\\n" supervised anywhere else still is."""
+    batch = ChatCollator(demo_processor)(SAMPLES[:1])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    end, newline = demo_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), ids[-1].item()
+    closing = [i for i in range(1, len(ids)) if labels[i - 1] == end and ids[i] == newline]
+    assert len(closing) == 2, "two replies, each ended by <|im_end|> and a newline"
+    for i in closing:
+        labels[i] = ids[i]
+    events = EventLog()
+    guard(demo_processor).post_collate(batch=batch, samples=SAMPLES[:1], events=events)
+    assert not events.of_kind("finding")
+    elsewhere = next(i for i in range(len(ids)) if ids[i] == newline and labels[i] == -100)
+    labels[elsewhere] = newline
+    with pytest.raises(GuardError, match=r"1 tokens supervised outside them \(first: '\\n'\)"):
+        guard(demo_processor).post_collate(batch=batch, samples=SAMPLES[:1], events=EventLog())
+
+
+def test_a_bare_tokenizer_as_the_processor_reads_the_same_template(demo_processor, demo_tokenizer):
+    """TRL and the frameworks pass the tokenizer as ``processing_class``; the guard reads it the same way."""
+    from_tokenizer, from_processor = guard(demo_tokenizer), guard(demo_processor)
+    assert from_tokenizer.ids.header.tolist() == from_processor.ids.header.tolist()
+    assert from_tokenizer.ids.end == from_processor.ids.end
+    assert from_tokenizer.ids.forbidden.tolist() == from_processor.ids.forbidden.tolist(), "vision tokens too"
+    batch = ChatCollator(demo_processor)(SAMPLES)
+    batch["labels"][0, 0] = batch["input_ids"][0, 0]  # <|im_start|> of the first user turn
+    with pytest.raises(GuardError, match="sample train.jsonl:1: .*tokens supervised outside them"):
+        from_tokenizer.post_collate(batch=batch, samples=SAMPLES, events=EventLog())
+
+
 # ---- the source note's collator -------------------------------------------------------------------
 
 
@@ -122,7 +153,7 @@ def test_masking_only_up_to_the_first_assistant_turn_is_caught(demo_processor):
     batch["labels"] = batch["input_ids"].clone()
     batch["labels"][0, :first_reply] = -100
     with pytest.raises(GuardError, match=r"sample train.jsonl:1: .*tokens supervised outside them "
-                                         r"\(first: '\\n<\|im_start\|>user\\nWhere\?"):
+                                         r"\(first: '<\|im_start\|>user\\nWhere\?"):
         guard(demo_processor).post_collate(batch=batch, samples=SAMPLES[:1], events=EventLog())
 
 
