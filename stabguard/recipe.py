@@ -24,7 +24,8 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 # TrainingArguments names that transformers 5 removed or renamed, with what to write instead.
 RENAMED_TRAINING_ARGS = {
-    "warmup_ratio": "removed in transformers 5: write warmup_steps = {value} (a float in [0, 1) is a ratio)",
+    "warmup_ratio": "deprecated, then removed in transformers 5: write warmup_steps = {value} (a float in [0, 1) "
+                    "is a ratio, on every release)",
     "evaluation_strategy": "renamed in transformers 5: write eval_strategy = {value!r}",
     "no_cuda": "removed in transformers 5: write use_cpu = {value!r}",
     "use_mps_device": "removed in transformers 5: the device is picked automatically; use use_cpu = true to force CPU",
@@ -35,6 +36,26 @@ RENAMED_TRAINING_ARGS = {
     "save_safetensors": "removed in transformers 5: checkpoints are always safetensors",
     "include_tokens_per_second": "renamed in transformers 5: write include_num_input_tokens_seen = true",
 }
+
+# One setting under two names across the supported transformers releases (5.24 renamed it): a recipe may
+# write either, and the run passes it under the name the installed release knows.
+TRAINING_ALIASES = {"activation_checkpointing": "gradient_checkpointing",
+                    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+TRAINING_ALIASES |= {new: old for old, new in TRAINING_ALIASES.items()}
+
+
+def installed_training_name(key: str, names: set[str]) -> str:
+    """``key`` as the installed ``TrainingArguments`` spells it (the same key when it knows it, or none)."""
+    if key in names or TRAINING_ALIASES.get(key) not in names:
+        return key
+    return TRAINING_ALIASES[key]
+
+
+def training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
 
 # Set by stabguard unless the recipe says otherwise; see the docs for why each one.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -132,7 +153,8 @@ class Recipe(BaseModel):
         """The keyword arguments for ``TrainingArguments``: stabguard's defaults, then the recipe. An inline
         ``[training.deepspeed]`` table gets ``"auto"`` (filled from the training arguments) for the batch,
         accumulation, clipping and bf16 keys it leaves out; DeepSpeed refuses a config without them."""
-        args = {**TRAINING_DEFAULTS, **self.training}
+        names = training_argument_names()
+        args = {**TRAINING_DEFAULTS, **{installed_training_name(k, names): v for k, v in self.training.items()}}
         if isinstance(args.get("deepspeed"), dict):
             args["deepspeed"] = {**DEEPSPEED_AUTO, **args["deepspeed"]}
         return args
@@ -226,18 +248,21 @@ def check_training(training: Any) -> list[tuple[str, str]]:
     """Names against ``TrainingArguments`` (with the transformers-5 spelling of renamed ones), then values."""
     if not isinstance(training, dict):
         return [("training", "missing section")]
+    import transformers
     from transformers import TrainingArguments
 
-    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    names = training_argument_names()
     errors = []
     for key, value in training.items():
         if key in RENAMED_TRAINING_ARGS:
             errors.append((f"training.{key}", RENAMED_TRAINING_ARGS[key].format(value=value)))
-        elif key not in names:
+        elif installed_training_name(key, names) not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            errors.append((f"training.{key}", f"not a TrainingArguments field{hint}"))
+            errors.append((f"training.{key}", f"not a TrainingArguments field of the installed transformers "
+                                              f"{transformers.__version__}{hint}"))
     errors += check_engine(training)
+    training = {installed_training_name(k, names): v for k, v in training.items()}
     if "output_dir" not in training:
         errors.append(("training.output_dir", "missing: where checkpoints, trainer_state.json and events.jsonl go"))
     # TrainingArguments keeps a wrongly typed value and the Trainer fails on it mid-run; name it here.

@@ -22,6 +22,9 @@ SEAMS = [
     ("transformers.Trainer", "_get_output_dir", "where checkpoints go"),
     ("transformers.Trainer", "_tr_loss", "the on-device loss sum since the last log line; a dropped step's "
                                          "loss is taken back out"),
+    ("transformers.Trainer", "_finalize_training", "divides the final train_loss by the steps of this train() "
+                                                   "(_initial_global_step, 5.2x) or by global_step (older); "
+                                                   "dropped steps are taken out of that divisor"),
     ("accelerate.optimizer.AcceleratedOptimizer", "_is_overflow", "set for a dropped step: the Trainer then "
                                                                   "holds the LR scheduler"),
     ("accelerate.optimizer.AcceleratedOptimizer", "scaler", "fp16 AMP's GradScaler; a skipped step closes it"),
@@ -58,6 +61,12 @@ DEEPSPEED_SEAMS = [
 def loss_sum(trainer) -> torch.Tensor | None:
     """The Trainer's running loss since its last log line (a device tensor), or None before training."""
     return getattr(trainer, "_tr_loss", None)
+
+
+def train_loss_steps(trainer) -> int:
+    """The steps the Trainer divided its final ``train_loss`` by. Releases that keep ``_initial_global_step``
+    (set when ``train()`` starts) count the steps of this call; older ones count every step since step 0."""
+    return trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
 
 
 def output_dir(trainer) -> Path:

@@ -132,18 +132,22 @@ class GuardedTrainer:
         ``setup_model`` fired on the trainer's model and processing class.
     :param events: the run's :class:`~stabguard.events.EventLog`; None: ``<output_dir>/events.jsonl``.
     :param guards: ``{name: {option: value}}`` for the guards to enable when ``plugins`` is None.
+    :param plugin_modules: plugin modules to load beside the built-ins when ``plugins`` is None.
+    :param setup_guards: fire ``setup_model`` here also when ``plugins`` is given (as ``stabguard run``
+        does it itself after loading the model).
     :param max_consecutive_skips: dropped steps in a row (any guard) before the core stops the run.
     :param snapshot_every: optimizer steps between verified snapshots (0: none; a STOP then saves the
         current, unverified state).
     :param snapshot_offload: keep the snapshot in CPU memory.
     """
 
-    def __init__(self, *args, plugins=None, events=None, guards: dict | None = None,
-                 max_consecutive_skips: int = 20, snapshot_every: int = 1, snapshot_offload: bool = False, **kwargs):
+    def __init__(self, *args, plugins=None, events=None, guards: dict | None = None, plugin_modules=(),
+                 setup_guards: bool = False, max_consecutive_skips: int = 20, snapshot_every: int = 1,
+                 snapshot_offload: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        own_plugins = plugins is None
-        if own_plugins:
-            plugins = plugins_for(guards)
+        setup_guards = setup_guards or plugins is None
+        if plugins is None:
+            plugins = plugins_for(guards, modules=plugin_modules)
         own_events = events is None
         if own_events:  # as stabguard run makes it: decisions on the console, alerts to on_alert
             from stabguard.console import ConsoleEcho, quiet_log_dicts
@@ -172,8 +176,14 @@ class GuardedTrainer:
         # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
         self.args.logging_nan_inf_filter = False
         self.add_callback(_HookCallback(self))
-        if own_plugins:
-            plugins.hook.setup_model(model=self.model, processor=self.processing_class, recipe=None, events=events)
+        if setup_guards:
+            plugins.hook.setup_model(model=self.model, processor=self.processor_for_guards(), recipe=None,
+                                     events=events)
+
+    def processor_for_guards(self):
+        """The processor the guards read the model's inputs with (the mask guard decodes labels with it):
+        ``processing_class``, unless a framework keeps its processor elsewhere (see stabguard.integrations)."""
+        return self.processing_class
 
     @property
     def skipped_steps(self) -> int:
@@ -336,7 +346,7 @@ class GuardedTrainer:
 
     def _average_train_loss(self, logs: dict) -> None:
         """The final ``train_loss``: the Trainer divides by every step of this run, dropped ones too."""
-        steps = self.state.global_step - self._initial_global_step
+        steps = seams.train_loss_steps(self)
         trained = steps - self.guarded.dropped_this_run
         if self.guarded.dropped_this_run and trained > 0:
             logs["train_loss"] = logs["train_loss"] * steps / trained
@@ -377,16 +387,21 @@ class GuardedTrainer:
                                resumed_from=str(checkpoint), previous_run=saved.get("run"))
 
 
-def plugins_for(guards: dict | None):
-    """The built-in guards named in ``guards`` (default: PYTHON_GUARDS), options validated by name."""
+def plugins_for(guards: dict | None, modules=(), where: str = ""):
+    """The guards named in ``guards`` (default: PYTHON_GUARDS), from the built-ins and the plugin
+    ``modules``, options validated by name; errors name their key (under ``where``, e.g. "stabguard")."""
     from stabguard.manager import Plugins
     from stabguard.recipe import check_guards
 
+    prefix = f"{where}." if where else ""
     guards = {name: {} for name in PYTHON_GUARDS} if guards is None else guards
-    plugins = Plugins.for_recipe(autoload=False)
+    try:
+        plugins = Plugins.for_recipe(list(modules), autoload=False)
+    except ImportError as exc:
+        raise ValueError(f"{prefix}plugins: {exc}") from None
     options, errors = check_guards(guards, plugins.guard_options(), off_unless_named=set(plugins.guards))
     if errors:
-        raise ValueError("; ".join(f"{key}: {message}" for key, message in errors))
+        raise ValueError("; ".join(f"{prefix}{key}: {message}" for key, message in errors))
     plugins.enable_guards(options)
     return plugins
 

@@ -164,3 +164,21 @@ def test_a_zero_config_file_passes_through_to_the_trainer(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe(
         {"model": "m", "train": "t.jsonl"}, tmp_path / "out", training={"deepspeed": str(tmp_path / "ds.json")})))
     assert recipe.training_arguments()["deepspeed"] == str(tmp_path / "ds.json")
+
+
+def test_a_renamed_training_argument_is_passed_under_the_installed_release_s_name(tmp_path):
+    """activation_checkpointing (transformers 5.24) is gradient_checkpointing on the older supported
+    releases; a recipe written either way runs on both."""
+    from stabguard.recipe import installed_training_name, training_argument_names
+
+    newer, older = {"activation_checkpointing", "gradient_checkpointing"}, {"gradient_checkpointing"}
+    assert installed_training_name("activation_checkpointing", older) == "gradient_checkpointing"
+    assert installed_training_name("gradient_checkpointing", older) == "gradient_checkpointing"
+    assert installed_training_name("activation_checkpointing", newer) == "activation_checkpointing"
+    assert installed_training_name("nosuch", older) == "nosuch"
+    for written in ("activation_checkpointing", "gradient_checkpointing"):
+        path = write_recipe(tmp_path / f"{written}.toml", tiny_recipe(
+            {"model": tmp_path, "train": tmp_path / "t.jsonl"}, tmp_path / "out", training={written: True}))
+        args = load_recipe(path, Plugins.for_recipe(autoload=False)).training_arguments()
+        (passed,) = [k for k in args if k.endswith("_checkpointing")]
+        assert passed in training_argument_names() and args[passed] is True

@@ -14,6 +14,11 @@ import transformers
 from stabguard.seams import DEEPSPEED_SEAMS, SEAMS
 
 
+def version_of(owner: str) -> str:
+    package = owner.split(".")[0]
+    return f"{package} {importlib.import_module(package).__version__}"
+
+
 def owner_source(owner: str) -> str:
     module, _, name = owner.rpartition(".")
     return inspect.getsource(getattr(importlib.import_module(module), name))
@@ -26,7 +31,7 @@ def test_each_seam_is_still_there(owner, name, why):
         pytest.importorskip("deepspeed")
     src = owner_source(owner)
     assert f"def {name}(" in src or f"self.{name}" in src, (
-        f"{owner}.{name} is gone from this release (stabguard uses it: {why})")
+        f"{owner}.{name} is gone from this release ({version_of(owner)}; stabguard uses it: {why})")
 
 
 def test_the_training_loop_still_calls_the_overridden_seams_in_order():
@@ -41,6 +46,13 @@ def test_the_training_loop_still_calls_the_overridden_seams_in_order():
                  "def _save_checkpoint(self, model", "def _load_optimizer_and_scheduler(self, checkpoint",
                  "def get_decay_parameter_names(self, model", "def training_step(", "def prediction_step("):
         assert seam in src, f"transformers {transformers.__version__} moved `{seam}`"
+
+
+def test_the_final_train_loss_is_divided_as_seams_train_loss_steps_reads_it():
+    src = inspect.getsource(transformers.Trainer._finalize_training)
+    divisors = ["self.state.global_step - self._initial_global_step", "max(self.state.global_step, 0.001)"]
+    assert any(d in src for d in divisors), (
+        f"transformers {transformers.__version__} divides train_loss in a new way: update seams.train_loss_steps")
 
 
 def test_accelerate_reads_the_skip_flag_the_step_sets():
