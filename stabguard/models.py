@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import Qwen3VLConfig
 
-from stabguard.qwen import build_demo_tokenizer, build_processor
+from stabguard.qwen import build_demo_tokenizer, build_processor, build_qwen_tokenizer
 
 # Still importable from here, as before stabguard.qwen took them over.
 from stabguard.qwen import (  # noqa: F401
@@ -118,15 +118,19 @@ def tiny_config(tokenizer: Any, **overrides: Any) -> Qwen3VLConfig:
 
 def build_tiny_model(
     out_dir: str | Path, *, seed: int = 0, overrides: dict[str, Any] | None = None,
-    min_pixels: int | None = None, max_pixels: int | None = None,
+    min_pixels: int | None = None, max_pixels: int | None = None, tokenizer: str = "demo",
 ) -> Path:
-    """Build a tiny random Qwen3-VL (float32, deterministic by `seed`) with the demo tokenizer and a
-    local processor, and save both into `out_dir` like a real checkpoint, so the rest of stabguard
-    loads it through `from_pretrained` exactly as it loads Qwen/Qwen3-VL-32B-Instruct."""
+    """Build a tiny random Qwen3-VL (float32, deterministic by `seed`) with a local processor, and save
+    both into `out_dir` like a real checkpoint, so the rest of stabguard loads it through
+    `from_pretrained` exactly as it loads Qwen/Qwen3-VL-32B-Instruct.
+
+    `tokenizer`: "demo" (a 2048-token BPE: small and fast) or "qwen" (the real Qwen vocabulary with every
+    special token at its real id, from the `dashscope` package; for code that hard-codes Qwen's ids, as
+    some training frameworks do)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     out = Path(out_dir)
-    tokenizer = build_demo_tokenizer()
+    tokenizer = build_qwen_tokenizer() if tokenizer == "qwen" else build_demo_tokenizer()
     processor = build_processor(
         tokenizer, min_pixels=min_pixels or TINY_MIN_PIXELS, max_pixels=max_pixels or TINY_MAX_PIXELS
     )

@@ -85,7 +85,8 @@ def _without_images(sample: dict) -> dict:
 
 
 def sample_ids(samples: list[dict]) -> list[str]:
-    return [str(s.get("id")) for s in samples]
+    """Each sample's ``id``; rows a framework built without one are named by their place in the batch."""
+    return [str(s["id"]) if s.get("id") is not None else f"batch row {i}" for i, s in enumerate(samples)]
 
 
 class _HookCallback(TrainerCallback):

@@ -42,6 +42,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_assets(tmp_path_factory):
+    """The tiny model with the real Qwen vocabulary and token ids (frameworks hard-code some), and its data."""
+    pytest.importorskip("dashscope")
+    from stabguard.testing import build_tiny_assets
+
+    return build_tiny_assets(tmp_path_factory.mktemp("tiny-qwen"), tokenizer="qwen")
+
+
+@pytest.fixture(scope="session")
 def tiny_assets(stabguard_tiny_assets):
     """A saved tiny random Qwen3-VL (with processor) and a small synthetic PCB train set (built once)."""
     return stabguard_tiny_assets

@@ -35,7 +35,8 @@ def trl_dataset(train_jsonl):
     return datasets.Dataset.from_list(rows)
 
 
-def sft_trainer(tmp_path, tiny_assets, **guard_kwargs):
+def sft_trainer_kwargs(tmp_path, tiny_assets) -> dict:
+    """What SFTTrainer is built with here: the tiny model, TRL's VLM data, LoRA on q/v, 4 steps."""
     from peft import LoraConfig
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
@@ -44,9 +45,13 @@ def sft_trainer(tmp_path, tiny_assets, **guard_kwargs):
     args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=1, use_cpu=True,
                          logging_steps=1, report_to="none", max_length=None, learning_rate=1e-3, save_strategy="no",
                          seed=0)
-    return guarded(trl.SFTTrainer)(
-        model=model, args=args, train_dataset=trl_dataset(tiny_assets["train"]), processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), **guard_kwargs)
+    return {"model": model, "args": args, "train_dataset": trl_dataset(tiny_assets["train"]),
+            "processing_class": processor,
+            "peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])}
+
+
+def sft_trainer(tmp_path, tiny_assets, **guard_kwargs):
+    return guarded(trl.SFTTrainer)(**sft_trainer_kwargs(tmp_path, tiny_assets), **guard_kwargs)
 
 
 def test_a_nan_gradient_in_sft_trainer_is_skipped_and_the_weights_stay_finite(tmp_path, tiny_assets, capfd):

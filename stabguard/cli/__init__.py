@@ -20,6 +20,7 @@ COMMANDS = {
     "monitor": "stabguard.cli.monitor",
     "report": "stabguard.cli.report",
     "new-plugin": "stabguard.cli.new_plugin",
+    "llamafactory": "stabguard.cli.llamafactory",
 }
 
 

@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
-def build_tiny_assets(root: str | Path) -> dict[str, Path]:
+def build_tiny_assets(root: str | Path, tokenizer: str = "demo") -> dict[str, Path]:
     """A saved tiny random Qwen3-VL (with processor) and a small synthetic PCB train set under ``root``.
 
     Takes a few seconds on CPU; the pytest fixture ``stabguard_tiny_assets`` builds it once per session.
+    ``tokenizer="qwen"``: the real Qwen vocabulary and token ids (see ``build_tiny_model``).
     :return: ``{"model": folder, "train": train.jsonl, "val": val.jsonl}``.
     """
     from stabguard.data.synth import synth_pcb
     from stabguard.models import build_tiny_model
 
     root = Path(root)
-    model_dir = build_tiny_model(root / "model", seed=0, max_pixels=65536)
+    model_dir = build_tiny_model(root / "model", seed=0, max_pixels=65536, tokenizer=tokenizer)
     synth_pcb(root / "data", n=8, seed=0, size=128, val_fraction=0.25)
     return {"model": model_dir, "train": root / "data" / "train.jsonl", "val": root / "data" / "val.jsonl"}
 

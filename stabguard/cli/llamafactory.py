@@ -1,0 +1,33 @@
+"""``stabguard llamafactory train CONFIG [key=value ...]``: LLaMA-Factory's SFT with the guarded step.
+
+Exit codes as ``stabguard run``: 0 done, 2 bad ``stabguard:`` settings, 3 a guard stopped the run.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group("llamafactory")
+def command():
+    """LLaMA-Factory's training, guarded (needs llamafactory installed)."""
+
+
+@command.command("train", context_settings={"ignore_unknown_options": True})
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def train(config, overrides):
+    """Train as `llamafactory-cli train CONFIG` would; guards from the config's `stabguard:` key."""
+    from pydantic import ValidationError
+
+    from stabguard.integrations.llamafactory import train as run_train
+
+    try:
+        run_train([config, *overrides])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "llamafactory":
+            raise click.ClickException("LLaMA-Factory is not installed here: pip install llamafactory") from None
+        raise
+    except ValidationError as exc:
+        click.echo(f"{config}: stabguard settings: {exc}", err=True)
+        raise SystemExit(2) from None
