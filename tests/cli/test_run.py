@@ -54,7 +54,7 @@ def test_recipe_errors_exit_2(tmp_path):
     path.write_text("[training]\nwarmup_ratio = 0.1\n")
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 2
-    assert "training.warmup_ratio: removed in transformers 5: write warmup_steps = 0.1" in result.output
+    assert "training.warmup_ratio: deprecated, then removed in transformers 5: write warmup_steps = 0.1" in result.output
 
 
 def test_missing_data_is_said_the_same_way_by_validate_check_and_run(tmp_path, tiny_assets):
