@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stabguard import seams
 from stabguard.options import GuardOptions
 from stabguard.training_types import check_types, toml_repr
 
@@ -305,6 +306,8 @@ def check_engine(training: dict[str, Any]) -> list[tuple[str, str]]:
     if training.get("fsdp") and isinstance(config, dict) and int(config.get("version", 2)) != 2:
         errors.append(("training.fsdp_config.version", "FSDP1 is not supported (it flattens parameters); "
                        "write version = 2 (FSDP2)"))
+    elif training.get("fsdp") and (problem := seams.fsdp2_accelerate_problem()):
+        errors.append(("training.fsdp", problem))
     return errors
 
 

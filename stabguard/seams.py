@@ -78,6 +78,27 @@ def grad_scaler(optimizer):
     return getattr(optimizer, "scaler", None)
 
 
+FSDP2_MIN_ACCELERATE = "1.13"
+
+
+def fsdp2_accelerate_problem() -> str | None:
+    """Why the installed accelerate cannot run the guarded step under FSDP2, or None.
+
+    Before 1.13, accelerate loads a sharded FSDP2 checkpoint's optimizer state against
+    ``optimizer.state_dict()`` (keys by index) while saving it by parameter name: nothing matches, and a
+    resume continues with fresh optimizer state, silently (measured: tests/test_fsdp.py on 1.11 and 1.12).
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("accelerate")
+    if Version(installed) >= Version(FSDP2_MIN_ACCELERATE):
+        return None
+    return (f"FSDP2 needs accelerate >= {FSDP2_MIN_ACCELERATE} (installed {installed}): older releases resume a "
+            f"sharded checkpoint without its optimizer state; pip install 'accelerate>={FSDP2_MIN_ACCELERATE}'")
+
+
 def fsdp_version(accelerator) -> int | None:
     """1 or 2 when the accelerator runs FSDP, else None."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)

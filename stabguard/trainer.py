@@ -174,6 +174,8 @@ class GuardedTrainer:
         if self.is_fsdp_enabled and seams.fsdp_version(self.accelerator) != 2:
             raise GuardError("GuardTrainer supports FSDP2 only (FSDP1 flattens parameters): set "
                              "fsdp_config = { version = 2 }")
+        if self.is_fsdp_enabled and (problem := seams.fsdp2_accelerate_problem()):
+            raise GuardError(problem)
         # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
         self.args.logging_nan_inf_filter = False
         self.add_callback(_HookCallback(self))

@@ -17,6 +17,8 @@ import pytest
 import torch.distributed as dist
 from support_launch import torchrun
 
+from stabguard.seams import fsdp2_accelerate_problem
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(
@@ -43,6 +45,10 @@ def test_engine_norm_clip_and_restore_on_fully_sharded_gradients(tmp_path):
     assert rank0["local_finite"] and not rank1["local_finite"], "rank 0 holds no NaN itself"
 
 
+needs_accelerate = pytest.mark.skipif(fsdp2_accelerate_problem() is not None, reason=str(fsdp2_accelerate_problem()))
+
+
+@needs_accelerate
 def test_trainer_fsdp2_faults_on_one_rank_are_decided_alike_on_both(tmp_path, tiny_assets):
     rank0, rank1 = launch(tmp_path, "faults", tiny_assets)
     for r in (rank0, rank1):
@@ -64,6 +70,7 @@ def test_trainer_fsdp2_faults_on_one_rank_are_decided_alike_on_both(tmp_path, ti
     assert rank0["digests"]["1"] != rank1["digests"]["1"], "each rank holds its own shard"
 
 
+@needs_accelerate
 def test_trainer_fsdp2_checkpoint_resumes_shards_and_guard_state(tmp_path, tiny_assets):
     saved = launch(tmp_path, "save", tiny_assets)
     state4 = json.loads((tmp_path / "run" / "checkpoint-4" / "stabguard_state.json").read_text())

@@ -18,6 +18,11 @@ def errors_of(path, plugins=None) -> dict[str, str]:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_validates(path):
+    from stabguard.seams import fsdp2_accelerate_problem
+
+    if "fsdp = true" in path.read_text() and (problem := fsdp2_accelerate_problem()):  # tox -e lowest
+        assert errors_of(path) == {"training.fsdp": problem}, "refused for that reason alone"
+        return
     recipe = load_recipe(path)  # with the plugins the recipe itself names
     assert recipe.training["output_dir"]
     first = path.read_text().splitlines()[0]
@@ -119,7 +124,23 @@ def test_unknown_keys_suggest_the_close_name_and_workers_are_allowed(tmp_path):
     assert "positive integer" in errors["max_consecutive_skips"]
 
 
+def test_fsdp2_with_an_accelerate_that_resumes_it_without_optimizer_state_is_refused(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.12.0" if name == "accelerate" else real(name))
+    fsdp2 = {"fsdp": True, "fsdp_config": {"version": 2}}
+    errors = errors_of(write_recipe(tmp_path / "r.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
+                                                                     tmp_path / "out", training=fsdp2)))
+    assert errors["training.fsdp"].startswith("FSDP2 needs accelerate >= 1.13 (installed 1.12.0)")
+    assert "pip install 'accelerate>=1.13'" in errors["training.fsdp"]
+
+
 def test_fsdp2_passes_through_and_the_unsupported_engines_are_refused_with_the_fix(tmp_path):
+    from stabguard.seams import fsdp2_accelerate_problem
+
+    if (problem := fsdp2_accelerate_problem()) is not None:
+        pytest.skip(problem)
     fsdp2 = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
     recipe = load_recipe(write_recipe(tmp_path / "ok.toml", tiny_recipe({"model": "m", "train": "t.jsonl"},
                                                                         tmp_path / "out", training=fsdp2)))
