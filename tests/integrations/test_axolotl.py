@@ -21,13 +21,14 @@ from support_frameworks import (  # noqa: E402
 )
 from support_launch import launch  # noqa: E402
 
+from stabguard.events import read_events  # noqa: E402
 from stabguard.integrations import axolotl as integration  # noqa: E402
 
 
-def config(tmp_path: Path, assets, stabguard: dict | None) -> Path:
+def config(tmp_path: Path, assets, stabguard: dict | None, chat_template: str = "qwen2_vl") -> Path:
     data = write_jsonl(tmp_path / "train.jsonl", [with_absolute_images(assets, r) for r in rows(assets)])
     cfg = {
-        "base_model": str(assets["model"]), "processor_type": "AutoProcessor", "chat_template": "qwen2_vl",
+        "base_model": str(assets["model"]), "processor_type": "AutoProcessor", "chat_template": chat_template,
         "skip_prepare_dataset": True, "remove_unused_columns": False, "sample_packing": False,
         "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
         "dataset_prepared_path": str(tmp_path / "prepared"), "val_set_size": 0, "sequence_len": 2048,
@@ -62,6 +63,17 @@ def test_axolotl_train_skips_a_nan_step_and_audits_axolotl_s_labels(tmp_path, ti
     assert "StabguardAxolotlTrainer" in done.stdout or "stabguard" in done.stdout
     events = assert_guarded(tmp_path / "out", tmp_path / "out" / "adapter_model.safetensors")
     assert not mask_findings(events), "Axolotl's qwen2_vl labels are the assistant replies"
+
+
+def test_axolotl_s_tokenizer_default_labels_are_caught_before_the_first_update(tmp_path, tiny_qwen_assets):
+    """With the model's own template Axolotl has no role boundaries: it trains on the system and user turns
+    and the vision markers. The mask guard names the sample and what is supervised, and no step runs."""
+    cfg = config(tmp_path, tiny_qwen_assets, {}, chat_template="tokenizer_default")
+    done = axolotl_train(tmp_path, cfg, check=False)
+    assert done.returncode != 0 and "stabguard: STOPPED at step 1" in done.stdout, done.stdout[-3000:]
+    findings = mask_findings(read_events(tmp_path / "out" / "events.jsonl"))
+    assert findings and all("labels are not the assistant replies" in f for f in findings)
+    assert any("<|vision_start|>" in f for f in findings), "the vision markers are named"
 
 
 def test_a_bad_guard_option_fails_axolotl_s_config_validation(tmp_path, tiny_qwen_assets):
