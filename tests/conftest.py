@@ -24,7 +24,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
 
 def pytest_report_header(config):
     """How long the run takes, when it is one of the suites (not a few files picked by hand)."""
-    if config.args:
+    if config.args_source == pytest.Config.ArgsSource.ARGS:
         return []
     selected = config.getoption("markexpr") or ""
     if "engines" in selected and "not engines" not in selected:
