@@ -22,6 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from stabguard import seams
+
 STYLES = {"skip": "yellow", "stop": "bold red", "error": "bold red", "alert": "magenta", "rollback": "cyan",
           "finding": "yellow", "drop": "yellow", "overflow": "yellow", "info": "blue"}
 
@@ -132,4 +134,4 @@ def quiet_log_dicts(trainer) -> None:
     trainer.pop_callback(PrinterCallback)
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, ProgressCallback):
-            callback.on_log = lambda *args, **kwargs: None
+            seams.silence_progress_log(callback)

@@ -9,12 +9,13 @@ in place: no gather, no communication. DeepSpeed ZeRO keeps its gradients in its
 steps inside ``backward``: :mod:`stabguard.zero` has its engine.
 
 :class:`TorchEngine` is what the guarded step calls for the first three; ``stabguard.zero.ZeroEngine``
-has the same methods for DeepSpeed.
+implements the same :class:`Engine` protocol for DeepSpeed.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any, Protocol
 
 import torch
 
@@ -112,6 +113,35 @@ class Kept:
             return fresh
         mesh, placements, shape, stride = self.layout
         return DTensor.from_local(fresh, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+class SnapshotLike(Protocol):
+    """A verified state: the step after which it was taken, the guards' state of that moment, a restore."""
+
+    step: int
+    guard_state: dict
+
+    def restore(self, optimizer) -> None:
+        """Put the weights and optimizer state back, in place, on this rank."""
+
+
+class Engine(Protocol):
+    """What the guarded step does with the gradients, wherever the training engine keeps them."""
+
+    def grad_norm(self, model) -> torch.Tensor:
+        """The global pre-clip L2 norm, the same on every rank, as a device tensor (no host sync)."""
+
+    def clip(self, model, max_norm: float | torch.Tensor, norm: torch.Tensor) -> None:
+        """Scale the gradients to at most ``max_norm``, using the step's measured ``norm``."""
+
+    def proceed(self, optimizer) -> None:
+        """This step's update runs."""
+
+    def drop(self, model, optimizer) -> None:
+        """No update: the optimizer and the LR scheduler hold this step."""
+
+    def snapshot(self, step: int, model, optimizer, offload: bool, guard_state: Any) -> SnapshotLike:
+        """The trainable state as it is now, after ``step``."""
 
 
 class TorchEngine:

@@ -33,6 +33,12 @@ SEAMS = [
     ("accelerate.Accelerator", "deepspeed_engine_wrapped", "replaced by stabguard.zero.GuardedEngineWrapper"),
     ("accelerate.utils.deepspeed.DeepSpeedEngineWrapper", "backward", "mirrored by GuardedEngineWrapper.backward, "
                                                                       "with the guarded step before engine.step()"),
+    ("transformers.trainer_callback.ProgressCallback", "on_log", "replaced on the run's instance: the console's "
+                                                                 "compact line stands in for the log dict"),
+    ("torch", "_foreach_mul_", "scales the local shards of sharded gradients by the clip coefficient, on the device"),
+    ("pluggy.HookCaller", "get_hookimpls", "one call per plugin for state_dict/load_state_dict (a hook call "
+                                           "merges the results)"),
+    ("pluggy.HookImpl", "function", "wrapped at registration: an exception becomes a HookError naming the hook"),
 ]
 
 # DeepSpeed's own (stabguard.zero), checked when DeepSpeed is installed.
@@ -54,8 +60,31 @@ DEEPSPEED_SEAMS = [
         ("fp16_partitioned_groups_flat", "this rank's 16-bit weight partitions (snapshot)"),
         ("checkpoint_event_prologue", "partitions every parameter before a restore"),
         ("checkpoint_event_epilogue", "re-gathers the persistent parameters after a restore"),
+        ("loss_scale", "the norm it measures is scaled by it"),
     ]
-]
+] + [
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", name, why) for name, why in [
+        ("overflow", "the flag the replaced check_overflow sets: the veto"),
+        ("loss_scale", "the norm it measures is scaled by it"),
+        ("partition_gradients", "ZeRO-2 (True) or ZeRO-1 (False)"),
+    ]
+] + [("deepspeed.runtime.utils", "combine_grad_norm_groups", "ZeRO-3's group norms into one"),
+     ("deepspeed.runtime.fp16.loss_scaler", "OVERFLOW! Skipping step", "the line DeepSpeed logs for an overflow; "
+                                                                         "filtered out for a guard's veto")]
+
+
+def hook_impls(caller) -> list:
+    """The implementations of one hook, each called on its own (``call_impl``)."""
+    return caller.get_hookimpls()
+
+
+def call_impl(impl, **kwargs):
+    return impl.function(**kwargs)
+
+
+def silence_progress_log(callback) -> None:
+    """transformers' progress bar prints each log dict; the console's compact line replaces it."""
+    callback.on_log = lambda *args, **kwargs: None
 
 
 def loss_sum(trainer) -> torch.Tensor | None:

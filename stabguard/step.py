@@ -1,19 +1,23 @@
 """The guarded optimizer step, top to bottom: measure -> decide -> agree -> apply -> notify.
 
-``GuardTrainer`` calls :meth:`GuardedStep.run` once per optimizer step, after the gradients of every
-micro-batch are accumulated and before the update (``optimizer.step()``; under DeepSpeed, inside
-``backward`` before ``engine.step()``). The engine object it is given (:class:`~stabguard.engine.TorchEngine`
-or :class:`~stabguard.zero.ZeroEngine`) measures, clips, drops and snapshots where the gradients live:
+The training loop around it (``GuardTrainer``, through :class:`StepHost`) calls :meth:`GuardedStep.run`
+once per optimizer step, after the gradients of every micro-batch are accumulated and before the update
+(``optimizer.step()``; under DeepSpeed, inside ``backward`` before ``engine.step()``). The
+:class:`~stabguard.engine.Engine` it is given (:class:`~stabguard.engine.TorchEngine` or
+:class:`~stabguard.zero.ZeroEngine`) measures, clips, drops and snapshots where the gradients live:
 
-- **measure**: one pass over the gradients gives the global norm; the step's loss is the sum of
-  its micro-batch losses. Both stay on the device; ``StepState.host()`` is the one shared sync.
-- **decide**: ``post_backward``, then ``pre_step`` verdicts, plus the verdicts the data hooks gave for
-  this step's micro-batches. A hook that raises becomes a STOP naming the hook, plugin, rank and samples.
+- **measure**: one pass over the gradients gives the global norm; the step's loss is the sum of its
+  micro-batch losses as the Trainer scaled them for accumulation (their mean, each micro-batch averaging
+  its own tokens), as logged. Both stay on the device; ``StepState.host()`` is the one shared sync.
+- **decide**: ``post_backward``, then ``pre_step`` verdicts, plus the held verdicts: the data hooks' for
+  this step's micro-batches, and the failures of hooks that ran after the last agreement. A hook that
+  raises becomes a STOP naming the hook, plugin, rank and samples.
 - **agree**: the most severe verdict of any rank, on every rank (STOP > ROLLBACK > SKIP > PROCEED).
 - **apply**: PROCEED takes a snapshot when one is due, then clips; SKIP drops the gradients and holds the
   optimizer and the LR scheduler; ROLLBACK is a SKIP that also restores the last verified snapshot;
-  STOP restores it too, writes it as a checkpoint and ends the run.
-- **notify**: one event per decision; ``on_step_end`` after the Trainer has applied the step.
+  STOP restores it too, has the host save it as a checkpoint, and ends the run.
+- **notify**: an event for every step that did not proceed (skip, rollback, stop); ``on_step_end`` after
+  the host has applied the step.
 
 A snapshot is only ever *verified*: it is taken at a PROCEED decision, just before the update, so the
 weights it holds are the ones whose loss every guard has just judged finite and not a spike.
@@ -23,18 +27,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from stabguard import seams
-from stabguard.engine import Snapshot, TorchEngine
+from stabguard.engine import Engine, Snapshot, SnapshotLike
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
 
-if TYPE_CHECKING:
-    from stabguard.zero import ZeroEngine, ZeroSnapshot
-
-__all__ = ["GuardedStep", "Snapshot", "StepState", "agree_across_ranks", "load_plugin_states", "plugin_states"]
+__all__ = ["GuardedStep", "Snapshot", "StepHost", "StepState", "agree_across_ranks", "load_plugin_states",
+           "plugin_states"]
 
 
 @dataclass
@@ -86,8 +88,43 @@ class StepState:
             self.max_norm = min(self.max_norm, max_norm)
 
 
+class StepHost(Protocol):
+    """What the guarded step needs of the training loop it runs in; ``GuardTrainer`` provides it."""
+
+    optimizer: Any  # the (accelerate-wrapped) optimizer
+
+    def next_step(self) -> int:
+        """The optimizer step about to be decided, 1-based."""
+
+    def max_grad_norm(self) -> float | None:
+        """The run's own clip (``training.max_grad_norm``), or None."""
+
+    def unscale_gradients(self) -> None:
+        """fp16 AMP: divide the gradients by the loss scale before they are measured."""
+
+    def save_stopped(self, model) -> str | None:
+        """Write the current (restored) state as a checkpoint; its folder, or None when no step ran."""
+
+    def end_training(self) -> None:
+        """Make the loop stop after this step."""
+
+
+@dataclass
+class Stopped:
+    """How a run ended by a STOP: what the step was and what its checkpoint holds."""
+
+    step: int
+    verdict: Verdict
+    verified_step: int | None  # the step after which the saved state was taken; None: not verified
+    guard_state: dict
+
+    @property
+    def reason(self) -> str:
+        return f"step {self.step}: {self.verdict.reason}"
+
+
 class GuardedStep:
-    """The core's side of every optimizer step: counters, held data verdicts, the verified snapshot."""
+    """The core's side of every optimizer step: counters, held verdicts, the verified snapshot, a STOP."""
 
     def __init__(self, plugins, events, *, max_consecutive_skips: int = 20, snapshot_every: int = 1,
                  snapshot_offload: bool = False):
@@ -96,11 +133,14 @@ class GuardedStep:
         self.snapshot_every, self.snapshot_offload = snapshot_every, snapshot_offload
         self.skipped_steps = self.consecutive_skips = self.rollbacks = 0
         self.dropped_this_run = 0  # skipped, rolled back or stopped steps since train() started
-        self.snapshot: Snapshot | ZeroSnapshot | None = None
+        self.snapshot: SnapshotLike | None = None
         self.since_snapshot: dict[int, list[str]] = {}  # samples of the updates a restore would undo
         self.micro_losses: list[torch.Tensor] = []
         self.samples: list[str] = []
-        self.held: list[Verdict] = []  # data verdicts of this step's micro-batches
+        # Verdicts that join the next decision: the data hooks' for this step's micro-batches, evaluation
+        # data's STOPs, and the failures of hooks that ran after the last agreement.
+        self.held: list[Verdict] = []
+        self.stopped: Stopped | None = None
 
     # -- what the micro-batches bring -------------------------------------------------------------
 
@@ -116,23 +156,23 @@ class GuardedStep:
 
     # -- the step ----------------------------------------------------------------------------------
 
-    def run(self, trainer, model, engine: TorchEngine | ZeroEngine) -> StepState:
+    def run(self, host: StepHost, model, engine: Engine) -> StepState:
         """One optimizer step; ``engine`` acts on the gradients where the training engine keeps them."""
         hook = self.plugins.hook
 
         # Measure: one pass over the (fp16: unscaled) gradients; every guard reads this norm. FSDP2: the
         # shards' norms meet in one collective; DeepSpeed: its own norm over the ZeRO partitions.
-        trainer.accelerator.unscale_gradients()
+        host.unscale_gradients()
         grad_norm = engine.grad_norm(model)
         loss = torch.stack(self.micro_losses).sum() if self.micro_losses else torch.zeros((), device=grad_norm.device)
-        state = StepState(step=trainer.state.global_step + 1, grad_norm=grad_norm, loss=loss, model=model,
-                          optimizer=trainer.optimizer, samples=self.samples,
-                          loss_scaled=seams.grad_scaler(trainer.optimizer) is not None)
+        state = StepState(step=host.next_step(), grad_norm=grad_norm, loss=loss, model=model,
+                          optimizer=host.optimizer, samples=self.samples,
+                          loss_scaled=seams.grad_scaler(host.optimizer) is not None)
         self.micro_losses, self.samples = [], []
-        if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
-            state.clip_to(trainer.args.max_grad_norm)
+        if host.max_grad_norm():
+            state.clip_to(host.max_grad_norm())
 
-        # Decide: the guards' verdicts and the data verdicts held from collation; a hook that raises stops.
+        # Decide: the guards' verdicts and the held ones; a hook that raises stops the run.
         verdicts, self.held = self.held, []
         try:
             hook.post_backward(state=state, events=self.events)
@@ -151,16 +191,16 @@ class GuardedStep:
             if state.max_norm is not None:
                 engine.clip(model, state.max_norm, grad_norm)
             self.since_snapshot[state.step] = state.samples
-            engine.proceed(trainer.optimizer)
+            engine.proceed(host.optimizer)
         else:
-            engine.drop(model, trainer.optimizer)  # no update; the optimizer and the LR scheduler hold
+            engine.drop(model, host.optimizer)  # no update; the optimizer and the LR scheduler hold
             self.dropped_this_run += 1
         if action == Action.ROLLBACK:
             self._roll_back(state)
         if action == Action.STOP:
-            trainer.stop(state, self.snapshot)
+            self._stop(host, state)
 
-        # Notify (``on_step_end`` fires from the Trainer's callback, after the update).
+        # Notify (``on_step_end`` fires once the host has applied the step).
         self._record(state)
         return state
 
@@ -211,8 +251,41 @@ class GuardedStep:
         self._after_agreement(state, lambda: self.plugins.hook.on_rollback(
             state=state, restored_step=self.snapshot.step, events=self.events))
 
+    def _stop(self, host: StepHost, state: StepState) -> None:
+        """STOP: the last verified state (this step's update is already dropped) becomes a checkpoint."""
+        snapshot = self.snapshot
+        if snapshot is not None:
+            snapshot.restore(state.optimizer)
+            state.restored_step = snapshot.step
+        guard_state = snapshot.guard_state if snapshot is not None else plugin_states(self.plugins)
+        self.stopped = Stopped(state.step, state.verdict, state.restored_step, guard_state)
+        checkpoint = host.save_stopped(state.model)  # its guard state is self.state_dict(): the snapshot's
+        self.events.record(state.verdict.by, "stop", f"run stopped at {self.stopped.reason}", step=state.step,
+                           checkpoint=checkpoint, verified=snapshot is not None, restored_step=state.restored_step,
+                           reason=state.verdict.reason, error=state.verdict.error)
+        host.end_training()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the step: the counters and every plugin's state; after a STOP, the
+        state of the snapshot's moment (the checkpoint holds the snapshot's weights)."""
+        stopped = self.stopped
+        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+                "consecutive_skips": 0 if stopped else self.consecutive_skips,
+                "verified_step": stopped.verified_step if stopped else None,
+                "plugins": stopped.guard_state if stopped else plugin_states(self.plugins)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.skipped_steps = saved.get("skipped_steps", 0)
+        self.consecutive_skips = saved.get("consecutive_skips", 0)
+        self.rollbacks = saved.get("rollbacks", 0)
+        load_plugin_states(self.plugins, saved.get("plugins", {}))
+
+    # -- events ------------------------------------------------------------------------------------
+
     def _record(self, state: StepState) -> None:
-        verdict, who = state.verdict, state.verdict.guard or "core"
+        verdict, who = state.verdict, state.verdict.by
         if verdict.action == Action.SKIP:
             self.skipped_steps += 1
             self.events.record(who, "skip", f"step {state.step} skipped: {verdict.reason}", step=state.step,
@@ -255,21 +328,22 @@ def merge_ranks(everyone: list[Verdict]) -> Verdict:
     top = [(rank, v) for rank, v in enumerate(everyone) if v.action == worst]
     reasons = list(dict.fromkeys(v.reason for _, v in top))
     reason = reasons[0] if len(reasons) == 1 else "; ".join(f"rank {rank}: {v.reason}" for rank, v in top)
-    guards = ",".join(dict.fromkeys(g for _, v in top for g in (v.guard or "").split(",") if g))
-    return Verdict(worst, reason, guards, next((v.error for _, v in top if v.error), ""))
+    return Verdict(worst, reason, tuple(g for _, v in top for g in v.guard),
+                   next((v.error for _, v in top if v.error), ""))
 
 
 def plugin_states(plugins) -> dict[str, Any]:
-    """``state_dict`` of every plugin that implements it, keyed by plugin name."""
+    """``state_dict`` of every plugin that implements it, keyed by plugin name (one call per plugin:
+    pluggy would merge the results into one list, losing whose each is)."""
     states = {}
-    for impl in plugins.hook.state_dict.get_hookimpls():
-        value = impl.function()
+    for impl in seams.hook_impls(plugins.hook.state_dict):
+        value = seams.call_impl(impl)
         if value is not None:
             states[impl.plugin_name] = value
     return states
 
 
 def load_plugin_states(plugins, states: dict[str, Any]) -> None:
-    for impl in plugins.hook.load_state_dict.get_hookimpls():
+    for impl in seams.hook_impls(plugins.hook.load_state_dict):
         if impl.plugin_name in states:
-            impl.function(**{arg: states[impl.plugin_name] for arg in impl.argnames})
+            seams.call_impl(impl, **{arg: states[impl.plugin_name] for arg in impl.argnames})

@@ -13,7 +13,6 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -21,12 +20,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from stabguard import seams
-from stabguard.engine import Snapshot, TorchEngine
-from stabguard.step import GuardedStep, StepState, load_plugin_states, plugin_states
+from stabguard.engine import TorchEngine
+from stabguard.step import GuardedStep, StepState
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
-
-if TYPE_CHECKING:
-    from stabguard.zero import ZeroSnapshot
 
 GUARD_STATE_FILE = "stabguard_state.json"
 COLLATED_KEY, VERDICT_KEY = "stabguard_collated", "stabguard_verdict"  # ride with each collated batch
@@ -162,12 +158,10 @@ class GuardedTrainer:
         self.guarded = GuardedStep(plugins, events, max_consecutive_skips=max_consecutive_skips,
                                    snapshot_every=snapshot_every, snapshot_offload=snapshot_offload)
         self.last_step: StepState | None = None
-        self.stop_reason: str | None = None
-        self.stop_verdict: Verdict | None = None
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._loss_at_step_start: torch.Tensor | None = None
-        self._stop_checkpoint: dict | None = None  # what a STOP's checkpoint holds besides the weights
         self._torch_engine = TorchEngine()  # single device, DDP, FSDP2; DeepSpeed: a ZeroEngine at the first step
+        self._host = _TrainerHost(self)
         # Wrapped after the Trainer's own __init__: subclasses (TRL's SFTTrainer) build their collator there.
         if self.data_collator is not None and not isinstance(self.data_collator, _GuardedCollator):
             self.data_collator = _GuardedCollator(self.data_collator, plugins, events, self.guarded.failed)
@@ -187,6 +181,15 @@ class GuardedTrainer:
         """The processor the guards read the model's inputs with (the mask guard decodes labels with it):
         ``processing_class``, unless a framework keeps its processor elsewhere (see stabguard.integrations)."""
         return self.processing_class
+
+    @property
+    def stop_reason(self) -> str | None:
+        """``"step N: <reason>"`` once a STOP ended the run, else None."""
+        return self.guarded.stopped.reason if self.guarded.stopped else None
+
+    @property
+    def stop_verdict(self) -> Verdict | None:
+        return self.guarded.stopped.verdict if self.guarded.stopped else None
 
     @property
     def skipped_steps(self) -> int:
@@ -259,7 +262,7 @@ class GuardedTrainer:
     def _clip_grad_norm(self, model):
         """Called by the Trainer once per optimizer step, before ``optimizer.step()``."""
         if not self.is_deepspeed_enabled:  # DeepSpeed: the step already ran inside backward
-            self.last_step = self.guarded.run(self, model, self._torch_engine)
+            self.last_step = self.guarded.run(self._host, model, self._torch_engine)
         step = self.last_step
         self._window_steps += 1
         if step.verdict.action != Action.PROCEED:
@@ -282,7 +285,7 @@ class GuardedTrainer:
                                            GuardedEngineWrapper(wrapped, self.guarded, self._run_zero_step))
 
     def _run_zero_step(self, engine, zero) -> None:
-        self.last_step = self.guarded.run(self, engine, zero)
+        self.last_step = self.guarded.run(self._host, engine, zero)
 
     def take_back_step_loss(self) -> None:
         """A dropped step's loss leaves the Trainer's running sum (a NaN would poison every later log)."""
@@ -298,23 +301,14 @@ class GuardedTrainer:
             step = self.last_step.step if self.last_step else None
             self.guarded.held.append(self.guarded.failed(exc, step, []))
 
-    def stop(self, state: StepState, snapshot: Snapshot | ZeroSnapshot | None) -> None:
-        """STOP: the last verified state (this step's update is already dropped) becomes a checkpoint."""
-        self.stop_reason, self.stop_verdict = f"step {state.step}: {state.verdict.reason}", state.verdict
-        if snapshot is not None:
-            snapshot.restore(state.optimizer)
-            state.restored_step = snapshot.step
-            self._stop_checkpoint = {"verified_step": snapshot.step, "plugins": snapshot.guard_state}
-        else:
-            self._stop_checkpoint = {"verified_step": None, "plugins": plugin_states(self.plugins)}
-        checkpoint = None
-        if self.state.global_step > 0:  # a step ran: there is a state worth keeping
-            checkpoint = str(self._set_aside_unverified())
-            self._save_checkpoint(state.model, trial=None)
-        self.events.record(state.verdict.guard or "core", "stop", f"run stopped at {self.stop_reason}",
-                           step=state.step, checkpoint=checkpoint, verified=snapshot is not None,
-                           restored_step=state.restored_step, reason=state.verdict.reason, error=state.verdict.error)
-        self.control.should_training_stop = True
+    def save_stopped(self, model) -> str | None:
+        """A STOP's checkpoint (the step restored the last verified state); a regular checkpoint of the
+        rejected state, written at this step, is kept beside it as ``unverified-checkpoint-N``."""
+        if self.state.global_step == 0:
+            return None  # no step ran: nothing worth keeping
+        folder = self._set_aside_unverified()
+        self._save_checkpoint(model, trial=None)
+        return str(folder)
 
     def _set_aside_unverified(self):
         """A regular checkpoint of this step holds the state that led to the stop: keep it, renamed."""
@@ -359,12 +353,7 @@ class GuardedTrainer:
         if not self.args.should_save:
             return
         folder = seams.output_dir(self) / f"checkpoint-{self.state.global_step}"
-        stopped = self._stop_checkpoint  # a STOP's checkpoint holds the snapshot and its guard state
-        guard_state = {"run": self.events.run, "skipped_steps": self.guarded.skipped_steps,
-                       "rollbacks": self.guarded.rollbacks,
-                       "consecutive_skips": 0 if stopped else self.guarded.consecutive_skips,
-                       "verified_step": stopped["verified_step"] if stopped else None,
-                       "plugins": stopped["plugins"] if stopped else plugin_states(self.plugins)}
+        guard_state = {"run": self.events.run, **self.guarded.state_dict()}
         # Written last and atomically: a checkpoint without it is incomplete (a run killed mid-save).
         tmp = folder / f".{GUARD_STATE_FILE}.tmp"
         tmp.write_text(json.dumps(guard_state, indent=1))
@@ -382,12 +371,35 @@ class GuardedTrainer:
                     saved = json.load(f)
             except json.JSONDecodeError as exc:
                 raise GuardError(f"{path}: unreadable guard state ({exc}); delete it to resume without it") from None
-            self.guarded.skipped_steps = saved.get("skipped_steps", 0)
-            self.guarded.consecutive_skips = saved.get("consecutive_skips", 0)
-            self.guarded.rollbacks = saved.get("rollbacks", 0)
-            load_plugin_states(self.plugins, saved.get("plugins", {}))
+            self.guarded.load_state_dict(saved)
             self.events.record("core", "info", f"guard state restored from {path}",
                                resumed_from=str(checkpoint), previous_run=saved.get("run"))
+
+
+class _TrainerHost:
+    """The Trainer as the guarded step's :class:`~stabguard.step.StepHost`."""
+
+    def __init__(self, trainer: GuardedTrainer):
+        self.trainer = trainer
+
+    @property
+    def optimizer(self):
+        return self.trainer.optimizer
+
+    def next_step(self) -> int:
+        return self.trainer.state.global_step + 1
+
+    def max_grad_norm(self) -> float | None:
+        return self.trainer.args.max_grad_norm or None
+
+    def unscale_gradients(self) -> None:
+        self.trainer.accelerator.unscale_gradients()
+
+    def save_stopped(self, model) -> str | None:
+        return self.trainer.save_stopped(model)
+
+    def end_training(self) -> None:
+        self.trainer.control.should_training_stop = True
 
 
 def plugins_for(guards: dict | None, modules=(), where: str = ""):

@@ -22,12 +22,25 @@ class Action(IntEnum):
 
 @dataclass(frozen=True)
 class Verdict:
-    """A guard's decision for one optimizer step, with the reason a person will read."""
+    """A guard's decision for one optimizer step, with the reason a person will read.
+
+    ``guard`` names the guards behind it: one name as a guard gives it (``Verdict.skip(reason, "mine")``),
+    a tuple of names once verdicts are combined; it is always stored as a tuple (empty: no guard).
+    """
 
     action: Action
     reason: str = ""
-    guard: str = ""
+    guard: tuple[str, ...] | str | None = ()
     error: str = ""  # "crash" or "refused" when the core made this STOP from a hook that raised
+
+    def __post_init__(self):
+        names = (self.guard,) if isinstance(self.guard, str) else tuple(self.guard or ())
+        object.__setattr__(self, "guard", tuple(dict.fromkeys(n for n in names if n)))
+
+    @property
+    def by(self) -> str:
+        """Who decided, for an event's ``guard`` field: the guards' names joined, or "core"."""
+        return ",".join(self.guard) or "core"
 
     @classmethod
     def proceed(cls) -> Verdict:
@@ -47,10 +60,10 @@ class Verdict:
 
     def decided_by(self, guard: str) -> bool:
         """Whether ``guard`` is among the guards behind this (possibly combined) SKIP or STOP."""
-        return self.action != Action.PROCEED and guard in self.guard.split(",")
+        return self.action != Action.PROCEED and guard in self.guard
 
     def __str__(self) -> str:
-        who = f"[{self.guard}] " if self.guard else ""
+        who = f"[{','.join(self.guard)}] " if self.guard else ""
         return f"{self.action.name} {who}{self.reason}".rstrip()
 
 
@@ -84,7 +97,8 @@ class HookRefusal(HookError, GuardError):
 
 
 def combine(verdicts: Iterable[Verdict | None]) -> Verdict:
-    """STOP > SKIP > PROCEED; the reasons of every verdict at the winning severity are joined."""
+    """STOP > ROLLBACK > SKIP > PROCEED; the reasons of every verdict at the winning severity are joined,
+    each led by its guards' names (once: combining a combined verdict again adds nothing)."""
     given = [v for v in verdicts if v is not None]
     for v in given:
         if not isinstance(v, Verdict):
@@ -96,11 +110,16 @@ def combine(verdicts: Iterable[Verdict | None]) -> Verdict:
     top = [v for v in given if v.action == worst]
     if worst == Action.PROCEED:
         return Verdict.proceed()
-    reason = "; ".join(dict.fromkeys(f"{v.guard}: {v.reason}" if v.guard else v.reason for v in top))
-    guards = ",".join(dict.fromkeys(v.guard for v in top if v.guard))
-    return Verdict(worst, reason, guards, next((v.error for v in top if v.error), ""))
+    reason = "; ".join(dict.fromkeys(_led_by_guards(v) for v in top))
+    return Verdict(worst, reason, tuple(g for v in top for g in v.guard), next((v.error for v in top if v.error), ""))
+
+
+def _led_by_guards(v: Verdict) -> str:
+    lead = f"{v.by}: "
+    return v.reason if not v.guard or v.reason.startswith(lead) else lead + v.reason
 
 
 def from_failure(exc: HookError) -> Verdict:
-    """The STOP the core makes of a hook that raised."""
-    return Verdict(Action.STOP, str(exc), exc.plugin, "refused" if isinstance(exc, HookRefusal) else "crash")
+    """The STOP the core makes of a hook that raised (a guard's plugin is registered as ``guard:<name>``)."""
+    return Verdict(Action.STOP, str(exc), exc.plugin.removeprefix("guard:"),
+                   "refused" if isinstance(exc, HookRefusal) else "crash")

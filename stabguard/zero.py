@@ -66,7 +66,7 @@ class ZeroEngine:
 
     # -- the guarded step's side -------------------------------------------------------------------
 
-    def grad_norm(self, model=None) -> torch.Tensor:
+    def grad_norm(self, model) -> torch.Tensor:
         """Global L2 norm of the gradients (unscaled), the same on every rank; measured once per step."""
         from deepspeed.runtime.utils import combine_grad_norm_groups
 
@@ -163,7 +163,7 @@ class ZeroSnapshot:
         return self.zero.fp32_partitioned_groups_flat, self.zero.fp16_partitioned_groups_flat
 
     @torch.no_grad()
-    def restore(self, optimizer=None) -> None:
+    def restore(self, optimizer) -> None:
         if self.stage == 3:
             self.zero.checkpoint_event_prologue()  # partition every parameter before the partitions change
         masters, weights = self._tensors()

@@ -49,10 +49,10 @@ def test_the_ranks_verdicts_merge_without_repeating_a_guard_and_name_the_rank_wh
     assert merge_ranks([same, same]) == same, "one reason, as a single rank would log it"
     other = Verdict(Action.SKIP, "spike: loss 9.1", "spike")
     merged = merge_ranks([Verdict.proceed(), same, other])
-    assert merged.action == Action.SKIP and merged.guard == "nonfinite,spike"
+    assert merged.action == Action.SKIP and merged.guard == ("nonfinite", "spike") and merged.by == "nonfinite,spike"
     assert merged.reason == "rank 1: nonfinite: non-finite gradients; rank 2: spike: loss 9.1"
     assert merge_ranks([same, Verdict(Action.STOP, "core: 20 steps skipped", "core", "refused")]).error == "refused"
-    assert merge_ranks([Verdict(Action.SKIP, "x", None), same]).guard == "nonfinite", "a guard of None is no guard"
+    assert merge_ranks([Verdict(Action.SKIP, "x", None), same]).guard == ("nonfinite",), "a guard of None is no guard"
 
 
 def test_a_stop_saves_the_last_verified_state_and_a_resume_continues_from_it(tmp_path, tiny_assets):

@@ -33,7 +33,7 @@ def test_reasons_of_the_winning_severity_are_joined():
     assert out.action == Action.STOP
     assert "spike: too many" in out.reason and "mine: bad data" in out.reason
     assert "nan loss" not in out.reason
-    assert out.guard == "spike,mine"
+    assert out.guard == ("spike", "mine") and out.by == "spike,mine"
 
 
 def test_a_guard_returning_something_else_is_named():

@@ -41,7 +41,7 @@ def one_step(guard: NonFiniteGuard, events: EventLog, step: int, loss: float, gr
 def test_nonfinite_step_is_skipped_naming_the_cause(loss, grad_norm, cause):
     events = EventLog()
     verdict = NonFiniteGuard(Options()).pre_step(state=step_state(7, loss, grad_norm), events=events)
-    assert verdict.action == Action.SKIP and verdict.guard == "nonfinite"
+    assert verdict.action == Action.SKIP and verdict.guard == ("nonfinite",)
     assert f"non-finite {cause} (" in verdict.reason
     (finding,) = events.of_kind("finding")
     assert finding["step"] == 7 and finding["values"]["nonfinite"] == cause

@@ -48,7 +48,7 @@ def test_a_loss_spike_asks_for_a_rollback_with_the_z_score():
     guard = SpikeGuard(Options(**FAST))
     warm_up(guard)
     verdict = one_step(guard, 6, 50.0)
-    assert verdict.action == Action.ROLLBACK and verdict.guard == "spike"
+    assert verdict.action == Action.ROLLBACK and verdict.guard == ("spike",)
     assert "sigma above the mean" in verdict.reason and guard.rollbacks == [6]
     assert [s for s, _ in guard.losses] == [1, 2, 3, 4, 5], "a rolled-back step's loss stays out of the window"
 
