@@ -191,3 +191,165 @@ def test_the_same_seed_gives_the_same_losses_and_grad_norms_first_run_included(t
     assert (assets["model"] / "config.json").is_file(), "the first run built the model"
     assert first == run_with_seed("second", 7), "a run that reuses the built assets trains like the first"
     assert run_with_seed("other", 8)[1] != first[1], "a different seed gives a different run (the test can fail)"
+
+
+# ---- GuardedStep alone: a fake engine and host, every verdict in milliseconds -------------------------
+
+
+class FakeSnapshot:
+    def __init__(self, step, guard_state):
+        self.step, self.guard_state, self.restores = step, guard_state, 0
+
+    def restore(self, optimizer):
+        self.restores += 1
+
+
+class FakeEngine:
+    """Records what the step asked of it; the norm is whatever the test sets."""
+
+    def __init__(self):
+        self.norm, self.calls, self.snapshots = torch.tensor(0.5), [], []
+
+    def grad_norm(self, model):
+        return self.norm
+
+    def clip(self, model, max_norm, norm):
+        self.calls.append(("clip", float(max_norm)))
+
+    def proceed(self, optimizer):
+        self.calls.append(("proceed",))
+
+    def drop(self, model, optimizer):
+        self.calls.append(("drop",))
+
+    def snapshot(self, step, model, optimizer, offload, guard_state):
+        self.snapshots.append(FakeSnapshot(step, guard_state))
+        return self.snapshots[-1]
+
+
+class FakeHost:
+    optimizer = None
+
+    def __init__(self, max_norm=1.0):
+        self.step, self.max_norm, self.saved, self.ended = 0, max_norm, [], False
+
+    def next_step(self):
+        return self.step + 1
+
+    def max_grad_norm(self):
+        return self.max_norm
+
+    def unscale_gradients(self):
+        pass
+
+    def save_stopped(self, model):
+        self.saved.append(self.step)
+        return f"checkpoint-{self.step}"
+
+    def end_training(self):
+        self.ended = True
+
+
+class Says:
+    """A guard that answers each step with the verdict its script gives (and counts rollbacks)."""
+
+    def __init__(self, script):
+        self.script, self.rolled_back_to = script, []
+
+    @hookimpl
+    def pre_step(self, state):
+        make = self.script.get(state.step)
+        return make() if make else None
+
+    @hookimpl
+    def on_rollback(self, restored_step):
+        self.rolled_back_to.append(restored_step)
+
+    @hookimpl
+    def state_dict(self):
+        return {"rolled_back_to": list(self.rolled_back_to)}
+
+
+def run_steps(script, steps, *, every=1, max_skips=20):
+    from stabguard.events import EventLog
+    from stabguard.step import GuardedStep
+
+    says, events = Says(script), EventLog()
+    step = GuardedStep(guard_plugins(says, guards=()), events, max_consecutive_skips=max_skips, snapshot_every=every)
+    host, engine, states = FakeHost(), FakeEngine(), []
+    for _ in range(steps):
+        step.micro_losses = [torch.tensor(1.0)]
+        step.add_micro_batch([f"s{host.step + 1}"], None)
+        states.append(step.run(host, None, engine))
+        host.step += 1
+        if host.ended:
+            break
+    return step, host, engine, states, events, says
+
+
+def test_proceed_snapshots_when_due_clips_and_updates():
+    step, host, engine, states, events, _ = run_steps({}, 5, every=2)
+    assert [s.verdict.action for s in states] == [Action.PROCEED] * 5
+    assert [snap.step for snap in engine.snapshots] == [0, 2, 4], "the state before each due update: verified"
+    assert engine.calls.count(("clip", 1.0)) == 5 and engine.calls.count(("proceed",)) == 5
+    assert not events.events, "a step that proceeds writes no event"
+
+
+def test_skip_drops_the_update_and_is_counted_and_recorded():
+    step, host, engine, states, events, _ = run_steps({2: lambda: Verdict.skip("bad", "g")}, 3)
+    assert [c for c in engine.calls if c[0] != "clip"] == [("proceed",), ("drop",), ("proceed",)]
+    assert step.skipped_steps == 1 and step.rollbacks == 0 and len(engine.snapshots) == 2
+    (skip,) = events.of_kind("skip")
+    assert skip["guard"] == "g" and skip["step"] == 2 and skip["values"]["step_samples"] == ["s2"]
+    assert skip["values"]["loss"] == 1.0 and skip["values"]["grad_norm"] == 0.5
+
+
+def test_rollback_restores_the_verified_snapshot_and_names_the_undone_samples():
+    step, host, engine, states, events, says = run_steps({4: lambda: Verdict.rollback("spike", "g")}, 4, every=2)
+    assert says.rolled_back_to == [2] and engine.snapshots[-1].restores == 1 and states[-1].restored_step == 2
+    (rollback,) = events.of_kind("rollback")
+    assert rollback["values"]["undone_samples"] == {"3": ["s3"]}, "the update of step 3 is undone"
+    assert rollback["values"]["skipped_samples"] == ["s4"] and step.rollbacks == 1 and step.skipped_steps == 0
+
+
+def test_a_rollback_before_any_snapshot_is_a_skip():
+    step, host, engine, states, events, says = run_steps({1: lambda: Verdict.rollback("spike", "g")}, 1, every=0)
+    assert says.rolled_back_to == [] and states[0].restored_step is None
+    assert "no verified snapshot yet" in events.of_kind("rollback")[0]["message"]
+
+
+def test_stop_restores_saves_and_ends_with_the_snapshot_s_guard_state():
+    script = {2: lambda: Verdict.rollback("spike", "g"), 3: lambda: Verdict.stop("enough", "g")}
+    step, host, engine, states, events, _ = run_steps(script, 5)
+    assert host.ended and host.saved == [2] and len(states) == 3, "the run ends at the STOP"
+    assert states[-1].restored_step == 0 and engine.snapshots[-1].restores == 2, "the state step 1's loss judged"
+    saved = step.state_dict()
+    assert saved["verified_step"] == 0 and saved["plugins"]["fault-0"] == {"rolled_back_to": []}, (
+        "the checkpoint's guard state is the snapshot's moment, not the rolled-back present")
+    (stop,) = events.of_kind("stop")
+    assert stop["values"]["checkpoint"] == "checkpoint-2" and step.stopped.reason == "step 3: g: enough"
+
+
+def test_too_many_skips_in_a_row_stop_whoever_asks():
+    step, host, engine, states, events, _ = run_steps({s: lambda: Verdict.skip("bad", "g") for s in range(1, 9)}, 8,
+                                                     max_skips=3)
+    assert [s.verdict.action for s in states] == [Action.SKIP, Action.SKIP, Action.STOP]
+    assert states[-1].verdict.reason.startswith("3 steps skipped in a row; last: g: bad")
+
+
+def test_a_hook_that_raises_stops_the_run_naming_it():
+    def boom():
+        raise ValueError("a bug")
+
+    step, host, engine, states, events, _ = run_steps({2: boom}, 4)
+    assert states[-1].step == 2 and states[-1].verdict.action == Action.STOP and states[-1].verdict.error == "crash"
+    (error,) = events.of_kind("error")
+    assert error["values"]["hook"] == "pre_step" and "ValueError: a bug" in states[-1].verdict.reason
+
+
+def test_the_step_s_checkpoint_state_round_trips():
+    step, *_ = run_steps({2: lambda: Verdict.skip("bad", "g"), 3: lambda: Verdict.rollback("x", "g")}, 4)
+    saved = step.state_dict()
+    again, *_ = run_steps({}, 0)
+    again.load_state_dict(saved)
+    assert (again.skipped_steps, again.rollbacks, again.consecutive_skips) == (1, 1, 0)

@@ -181,6 +181,13 @@ def test_a_finite_damaging_update_is_undone(tmp_path, tiny_assets, snapshots, re
     assert rollback["step"] == DAMAGE_AT + 1 and rollback["values"]["restored_step"] == restored
     assert rollback["values"]["skipped_samples"], "the rollback names the samples it skipped"
     assert after < before + 0.08, f"loss back to its pre-damage level ({before:.3f}), got {after:.3f}"
+    # on_rollback rewound the loss window: the losses of the undone updates' steps left it (with a snapshot
+    # every 5 steps the rollback went back 6 steps; with one every step there is nothing to drop).
+    undone = set(range(restored + 2, DAMAGE_AT + 1))
+    window = {step for step, _ in result.trainer.plugins.guards["spike"].instance.losses}
+    assert not undone & window, f"undone steps {sorted(undone & window)} still judge the restored weights"
+    assert restored + 1 in window, "the restored weights' own loss stays"
+    assert snapshots == 1 or len(undone) == 4
 
 
 def test_without_the_spike_guard_the_same_damage_stays(tmp_path, tiny_assets):
