@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from stabguard import GuardError, GuardOptions, hookimpl
+from stabguard import IGNORE_INDEX, GuardError, GuardOptions, hookimpl
 
 NAME = "mask"
-IGNORE = -100
 _VISION = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 _QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
@@ -184,7 +183,7 @@ class MaskGuard:
         labels, input_ids, mask = (_host(batch[k]) for k in ("labels", "input_ids", "attention_mask"))
         want = expected_supervision(input_ids, mask, self.ids)
         either = optional_supervision(input_ids, want, self.ids) & (labels == input_ids)
-        same = ((labels == np.where(want, input_ids, IGNORE)) | either).all(1)
+        same = ((labels == np.where(want, input_ids, IGNORE_INDEX)) | either).all(1)
         lo, hi = self.options.min_share, self.options.max_share
         for ok, n_sup, real in zip(same.tolist(), want.sum(1).tolist(), mask.sum(1).tolist()):
             if not ok or n_sup == 0 or not lo <= n_sup / max(real, 1) <= hi:
@@ -194,7 +193,7 @@ class MaskGuard:
     def _itemised(self, batch: dict) -> dict[int, list[str]]:
         """Row -> every problem found. All per-row counts come to the host in one transfer."""
         labels, input_ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"].bool()
-        sup = labels != IGNORE
+        sup = labels != IGNORE_INDEX
         counts = [sup.sum(1), mask.sum(1), (sup & ~mask).sum(1), (sup & (labels != input_ids)).sum(1)]
         bad_ids = extra = missing = None
         if self.ids is not None:
@@ -240,17 +239,17 @@ class MaskGuard:
 
     def _apply(self, problems: dict[int, list[str]], batch: dict, names: list[str], events: Any) -> None:
         lines = [f"sample {names[row]}: {'; '.join(what)}" for row, what in problems.items()]
-        if not (batch["labels"] != IGNORE).any():
+        if not (batch["labels"] != IGNORE_INDEX).any():
             lines.insert(0, "every label in the batch is -100: the loss would be 0/0 = NaN")
         for row, line in zip(problems, lines[-len(problems):]):
             events.record(NAME, "finding", line, sample=names[row], policy=self.options.policy)
         if self.options.policy == "error":
             raise GuardError("mask: " + " | ".join(lines))
         if self.options.policy == "skip_sample":
-            batch["labels"][list(problems)] = IGNORE
+            batch["labels"][list(problems)] = IGNORE_INDEX
             for row in problems:
                 events.record(NAME, "skip", f"sample {names[row]}: labels set to -100", sample=names[row])
-            if (batch["labels"] != IGNORE).any():
+            if (batch["labels"] != IGNORE_INDEX).any():
                 return
             lines.insert(0, "every sample of the batch skipped: its loss is 0/0 = NaN")
         events.alert(NAME, f"label problems in {len(problems)} sample(s): " + " | ".join(lines)[:2000])
@@ -272,7 +271,7 @@ def _host(values: Any) -> np.ndarray:
 
 def _runs(labels: torch.Tensor) -> list[list[int]]:
     """Contiguous supervised runs of one row (one per assistant turn in a correct mask)."""
-    pos = (labels != IGNORE).nonzero().flatten()
+    pos = (labels != IGNORE_INDEX).nonzero().flatten()
     if not len(pos):
         return []
     breaks = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1

@@ -13,6 +13,7 @@ from stabguard.options import GuardOptions
 from stabguard.verdict import Action, GuardError, Verdict
 
 __version__ = "0.1.0"
+IGNORE_INDEX = -100  # the label value the loss leaves out (transformers' and torch's ignore_index)
 
 # bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is absent;
 # it only means CPU 4-bit matmuls use its slower built-in path (which stabguard never uses: 4-bit is GPU-only
@@ -21,7 +22,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 __all__ = [
-    "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "StepState",
+    "IGNORE_INDEX", "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "StepState",
     "Verdict", "guarded", "hookimpl", "load_recipe", "run",
 ]
 

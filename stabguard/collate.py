@@ -27,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from stabguard import IGNORE_INDEX
+
 _PROBE_USER = "Probe question about the board?"
 _PROBE_REPLIES = ("Alpha probe reply x", "Zulu other answer q")
 

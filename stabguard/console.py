@@ -135,3 +135,12 @@ def quiet_log_dicts(trainer) -> None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, ProgressCallback):
             seams.silence_progress_log(callback)
+
+
+def run_event_log(path, plugins, *, rank: int):
+    """``events.jsonl`` as every stabguard run writes it: one run id on every rank, each decision echoed on
+    rank 0's console, alerts sent to the ``on_alert`` hook."""
+    from stabguard.events import EventLog, shared_run_id
+
+    return EventLog(path, on_alert=lambda alert: plugins.hook.on_alert(alert=alert),
+                    echo=ConsoleEcho() if rank == 0 else None, run=shared_run_id(), rank=rank)

@@ -7,6 +7,7 @@ Each check reads only the recipe (and the DeepSpeed JSON or the data file it nam
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
 import json
 from pathlib import Path
 from typing import Any
@@ -16,40 +17,60 @@ MIXED_FIX = ("data.text_only_image = true (text-only samples get a small blank i
              "text-only samples, in the same order on every rank)")
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """The engine a recipe's ``[training]`` asks for, read once; every config-time check shares it."""
+
+    kind: str  # "single/ddp", "fsdp2" (``fsdp`` set, whatever its version) or "deepspeed"
+    deepspeed: dict = field(default_factory=dict)  # DeepSpeed's config; {} when unreadable (validation says why)
+    fsdp_version: int | None = None
+
+    @property
+    def zero_stage(self) -> int | None:
+        return self.deepspeed.get("zero_optimization", {}).get("stage", 0) if self.kind == "deepspeed" else None
+
+    @property
+    def sharding(self) -> str | None:
+        """How the engine splits memory over ranks: "FSDP2", "ZeRO-1/2/3", or None (single device, DDP)."""
+        if self.kind == "fsdp2":
+            return "FSDP2"
+        return f"ZeRO-{self.zero_stage}" if self.zero_stage in (1, 2, 3) else None
+
+
+def engine_spec(training: dict[str, Any]) -> EngineSpec:
+    config = training.get("fsdp_config") or {}
+    version = (int(config.get("version", 2)) if isinstance(config, dict) else 2) if training.get("fsdp") else None
+    if training.get("deepspeed"):  # FSDP as well is a recipe error; its version is still read for the checks
+        return EngineSpec("deepspeed", deepspeed=deepspeed_config(training["deepspeed"]), fsdp_version=version)
+    return EngineSpec("fsdp2" if version is not None else "single/ddp", fsdp_version=version)
+
+
+FSDP1_REFUSED = "FSDP1 is not supported (it flattens parameters); write fsdp_config.version = 2 (FSDP2)"
+
+
 def engine_of(training: dict[str, Any]) -> str:
-    if training.get("deepspeed"):
-        return "deepspeed"
-    if training.get("fsdp"):
-        return "fsdp2"
-    return "single/ddp"
+    return engine_spec(training).kind
 
 
 def findings(recipe_training: dict[str, Any], quantization, guards: dict, data_train: str | None,
              rows: int = 2000, text_only_image: bool = False) -> list[tuple[str, str]]:
-    engine = engine_of(recipe_training)
+    spec = engine_spec(recipe_training)
     out: list[tuple[str, str]] = []
-    if engine == "fsdp2":
+    if spec.kind == "fsdp2":
         out += fsdp_findings(recipe_training, quantization, guards)
-    if engine == "deepspeed":
-        out += deepspeed_findings(deepspeed_config(recipe_training["deepspeed"]), recipe_training, guards)
-    if engine != "single/ddp" and _sharded_modules(engine, recipe_training) and data_train:
+    if spec.kind == "deepspeed":
+        out += deepspeed_findings(spec.deepspeed, recipe_training, guards)
+    if spec.sharding in ("FSDP2", "ZeRO-3") and data_train:  # ranks gather weights per module: calls must match
         images, text_only = modality_mix(data_train, rows)
         if images and text_only and text_only_image:
             out.append(("info", f"{data_train}: {text_only} text-only samples in the first {rows} rows get a "
                         f"placeholder image (data.text_only_image): every rank runs the vision tower"))
         elif images and text_only:
             out.append(("error", f"{data_train}: {images} samples with images and {text_only} text-only in the first "
-                        f"{rows} rows: under {engine} a rank with a text-only batch skips the vision tower, whose "
+                        f"{rows} rows: under {spec.kind} a rank with a text-only batch skips the vision tower, whose "
                         f"sharded weights the other ranks gather, and training hangs or stops (QwenLM/Qwen3-VL#126, "
                         f"ms-swift#3213); fix: {MIXED_FIX}"))
     return out
-
-
-def _sharded_modules(engine: str, training: dict) -> bool:
-    """Whether the ranks' module calls must match: ZeRO-3 and FSDP gather weights per module."""
-    if engine == "fsdp2":
-        return True
-    return int(deepspeed_config(training["deepspeed"]).get("zero_optimization", {}).get("stage", 0)) == 3
 
 
 def fsdp_findings(training: dict, quantization, guards: dict) -> list[tuple[str, str]]:

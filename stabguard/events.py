@@ -48,6 +48,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def shared_run_id() -> str:
+    """A new run id, the same on every rank (rank 0's)."""
+    import torch.distributed as dist
+
+    run_id = [new_run_id()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
 def new_run_id() -> str:
     """Sortable by start time, unique enough for one output folder: ``20261130-201500-3f9a``."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from stabguard import GuardOptions, hookimpl
+from stabguard import IGNORE_INDEX, GuardOptions, hookimpl
 
 NAME = "faults"
-IGNORE_INDEX = -100
 
 
 class Options(GuardOptions):

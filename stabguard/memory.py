@@ -164,14 +164,9 @@ def estimate_memory(recipe, config, weights: dict[str, int], trainable: dict[str
 
 def sharding_of(training: dict) -> str | None:
     """How the engine splits memory over ranks: "FSDP2", "ZeRO-1/2/3", or None (single device, DDP)."""
-    from stabguard.engine_check import deepspeed_config
+    from stabguard.engine_check import engine_spec
 
-    if training.get("fsdp"):
-        return "FSDP2"
-    if training.get("deepspeed"):
-        stage = deepspeed_config(training["deepspeed"]).get("zero_optimization", {}).get("stage", 0)
-        return f"ZeRO-{stage}" if stage in (1, 2, 3) else None
-    return None
+    return engine_spec(training).sharding
 
 
 def split_lines(lines: list[dict], world_size: int, sharding: str) -> None:

@@ -284,7 +284,7 @@ def check_training(training: Any) -> list[tuple[str, str]]:
 def check_engine(training: dict[str, Any]) -> list[tuple[str, str]]:
     """The engines GuardTrainer runs: single device, DDP, FSDP2 (``fsdp`` + ``fsdp_config.version = 2``) and
     DeepSpeed ZeRO-1/2/3 (``deepspeed``: an inline table or a JSON file)."""
-    from stabguard.engine_check import read_deepspeed_config
+    from stabguard.engine_check import FSDP1_REFUSED, engine_spec, read_deepspeed_config
 
     errors = []
     if training.get("deepspeed"):
@@ -302,11 +302,10 @@ def check_engine(training: dict[str, Any]) -> list[tuple[str, str]]:
                                "false: the guards clip through DeepSpeed's norm; remove it"))
         if training.get("fsdp"):
             errors.append(("training.fsdp", "FSDP and DeepSpeed together: choose one"))
-    config = training.get("fsdp_config") or {}
-    if training.get("fsdp") and isinstance(config, dict) and int(config.get("version", 2)) != 2:
-        errors.append(("training.fsdp_config.version", "FSDP1 is not supported (it flattens parameters); "
-                       "write version = 2 (FSDP2)"))
-    elif training.get("fsdp") and (problem := seams.fsdp2_accelerate_problem()):
+    spec = engine_spec(training)
+    if spec.fsdp_version not in (None, 2):
+        errors.append(("training.fsdp_config.version", FSDP1_REFUSED))
+    elif spec.kind == "fsdp2" and (problem := seams.fsdp2_accelerate_problem()):
         errors.append(("training.fsdp", problem))
     return errors
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import transformers
 
-from stabguard.console import ConsoleEcho, quiet_log_dicts
-from stabguard.events import EventLog, new_run_id
+from stabguard.console import quiet_log_dicts, run_event_log
+from stabguard.events import EventLog
 from stabguard.manager import Plugins
 from stabguard.recipe import Recipe, RecipeError, load_recipe, plugin_lists
 from stabguard.verdict import GuardError
@@ -126,10 +126,7 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     enabled = plugins.enable_guards(recipe.guards)
     output_dir = Path(recipe.training["output_dir"])
     args = transformers.TrainingArguments(**run_arguments(recipe))  # under torchrun: joins the group
-    rank = args.process_index
-    echo = ConsoleEcho() if rank == 0 else None  # each decision as one line as it happens
-    events = EventLog(output_dir / EVENTS_FILE, on_alert=lambda alert: plugins.hook.on_alert(alert=alert),
-                      echo=echo, run=shared_run_id(), rank=rank)
+    events = run_event_log(output_dir / EVENTS_FILE, plugins, rank=args.process_index)
     say(f"run {events.run}; guards: {', '.join(enabled) or 'none'}; events -> {events.path}")
     installed = announce_entry_points(plugins, enabled)
     events.record("core", "info", "run started", recipe=str(recipe_path), guards=enabled, resume=str(resume),
@@ -157,8 +154,8 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         raise
     finally:
         events.close()
-        if echo is not None:
-            echo.flush()
+        if events.echo is not None:
+            events.echo.flush()
 
 
 def exception_text(exc: Exception) -> str:
@@ -172,16 +169,6 @@ def exception_text(exc: Exception) -> str:
 def _unapplied_failure(trainer):
     """A hook that raised after the last step's agreement: no step was left to stop, but the run failed."""
     return next((v for v in trainer.guarded.held if v.error), None)
-
-
-def shared_run_id() -> str:
-    """A new run id, the same on every rank (rank 0's)."""
-    import torch.distributed as dist
-
-    run_id = [new_run_id()]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(run_id, src=0)
-    return run_id[0]
 
 
 def resolve_resume(output_dir: Path, resume: str | bool | None) -> str | None:

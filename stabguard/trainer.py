@@ -147,12 +147,9 @@ class GuardedTrainer:
             plugins = plugins_for(guards, modules=plugin_modules)
         own_events = events is None
         if own_events:  # as stabguard run makes it: decisions on the console, alerts to on_alert
-            from stabguard.console import ConsoleEcho, quiet_log_dicts
-            from stabguard.events import EventLog
+            from stabguard.console import quiet_log_dicts, run_event_log
 
-            echo = ConsoleEcho() if self.is_world_process_zero() else None
-            events = EventLog(seams.output_dir(self) / "events.jsonl", echo=echo, rank=self.args.process_index,
-                              on_alert=lambda alert: plugins.hook.on_alert(alert=alert))
+            events = run_event_log(seams.output_dir(self) / "events.jsonl", plugins, rank=self.args.process_index)
             quiet_log_dicts(self)
         self.plugins, self.events = plugins, events
         self.guarded = GuardedStep(plugins, events, max_consecutive_skips=max_consecutive_skips,
@@ -166,8 +163,9 @@ class GuardedTrainer:
         if self.data_collator is not None and not isinstance(self.data_collator, _GuardedCollator):
             self.data_collator = _GuardedCollator(self.data_collator, plugins, events, self.guarded.failed)
         if self.is_fsdp_enabled and seams.fsdp_version(self.accelerator) != 2:
-            raise GuardError("GuardTrainer supports FSDP2 only (FSDP1 flattens parameters): set "
-                             "fsdp_config = { version = 2 }")
+            from stabguard.engine_check import FSDP1_REFUSED
+
+            raise GuardError(f"GuardTrainer: {FSDP1_REFUSED}")
         if self.is_fsdp_enabled and (problem := seams.fsdp2_accelerate_problem()):
             raise GuardError(problem)
         # Replaced by the nonfinite guard; the Trainer's version syncs every micro-step and only hides NaN.
