@@ -15,7 +15,7 @@ import math
 import torch
 from pydantic import Field
 
-from stabguard import GuardOptions, hookimpl
+from stabguard import GuardOptions, hookimpl, metrics
 from stabguard.verdict import Action
 
 NAME = "grad_norm"
@@ -132,11 +132,11 @@ class GradNormGuard:
 
     @hookimpl
     def on_log(self, logs):
-        named = {"stabguard/grad_norm_pre_clip": self.pre_clip, "stabguard/grad_norm_post_clip": self.post_clip,
-                 "stabguard/grad_norm_max_since_log": self.max_since_log}
+        named = {metrics.GRAD_NORM_PRE_CLIP: self.pre_clip, metrics.GRAD_NORM_POST_CLIP: self.post_clip,
+                 metrics.GRAD_NORM_MAX_SINCE_LOG: self.max_since_log}
         if self.options.adaptive:
-            named["stabguard/grad_norm_adaptive_threshold"] = self.threshold
-            named["stabguard/grad_norm_adaptive_clips"] = self.adaptive_clips
+            named[metrics.GRAD_NORM_ADAPTIVE_THRESHOLD] = self.threshold
+            named[metrics.GRAD_NORM_ADAPTIVE_CLIPS] = self.adaptive_clips
         named = {k: v for k, v in named.items() if v is not None}
         if self.pre_clip is not None:  # one transfer for all of them, on logging steps only
             device = self.pre_clip.device

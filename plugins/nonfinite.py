@@ -14,7 +14,7 @@ import math
 
 from pydantic import Field
 
-from stabguard import GuardOptions, Verdict, hookimpl
+from stabguard import GuardOptions, Verdict, hookimpl, metrics
 
 NAME = "nonfinite"
 
@@ -71,9 +71,9 @@ class NonFiniteGuard:
 
     @hookimpl
     def on_log(self, logs):
-        logs["stabguard/nonfinite_steps"] = self.total
+        logs[metrics.NONFINITE_STEPS] = self.total
         if self.overflows:
-            logs["stabguard/fp16_overflows"] = self.overflows
+            logs[metrics.FP16_OVERFLOWS] = self.overflows
 
     @hookimpl
     def state_dict(self):

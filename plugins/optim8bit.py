@@ -15,7 +15,7 @@ import warnings
 import torch
 from pydantic import Field
 
-from stabguard import GuardOptions, hookimpl
+from stabguard import GuardOptions, hookimpl, metrics
 
 NAME = "optim8bit"
 TRAINER_DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused")
@@ -131,7 +131,7 @@ class Optim8bitGuard:
     @hookimpl
     def on_log(self, logs):
         if self.optimizer is not None and self.optimizer.state:
-            logs["stabguard/optimizer_state_bytes_per_param"] = round(state_bytes_per_param(self.optimizer), 3)
+            logs[metrics.OPTIMIZER_STATE_BYTES_PER_PARAM] = round(state_bytes_per_param(self.optimizer), 3)
 
 
 @hookimpl

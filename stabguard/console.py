@@ -22,15 +22,15 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from stabguard import seams
+from stabguard import metrics, seams
 
 STYLES = {"skip": "yellow", "stop": "bold red", "error": "bold red", "alert": "magenta", "rollback": "cyan",
           "finding": "yellow", "drop": "yellow", "overflow": "yellow", "info": "blue"}
 
 # Log keys worth a glance, in this order, with the label they get on the console.
-LOG_KEYS = {"loss": "loss", "grad_norm": "grad", "stabguard/grad_norm_max_since_log": "max grad",
-            "learning_rate": "lr", "stabguard/skipped_steps": "skipped", "stabguard/rollbacks": "rolled back",
-            "stabguard/nonfinite_steps": "nonfinite"}
+LOG_KEYS = {"loss": "loss", "grad_norm": "grad", metrics.GRAD_NORM_MAX_SINCE_LOG: "max grad",
+            "learning_rate": "lr", metrics.SKIPPED_STEPS: "skipped", metrics.ROLLBACKS: "rolled back",
+            metrics.NONFINITE_STEPS: "nonfinite"}
 
 
 def _number(value: Any) -> str:
@@ -45,10 +45,10 @@ def _prefix(event: dict) -> Text:
 def log_line(event: dict) -> Text | None:
     """``step 12  loss 6.951  grad 0.383  lr 0.002435``: the Trainer's log dict, cut to what matters."""
     values = event.get("values") or {}
-    redundant = {"skipped": not values.get("stabguard/skipped_steps"),
-                 "rolled back": not values.get("stabguard/rollbacks"),
-                 "nonfinite": not values.get("stabguard/nonfinite_steps"),
-                 "max grad": values.get("stabguard/grad_norm_max_since_log") == values.get("grad_norm")}
+    redundant = {"skipped": not values.get(metrics.SKIPPED_STEPS),
+                 "rolled back": not values.get(metrics.ROLLBACKS),
+                 "nonfinite": not values.get(metrics.NONFINITE_STEPS),
+                 "max grad": values.get(metrics.GRAD_NORM_MAX_SINCE_LOG) == values.get("grad_norm")}
     parts = [f"{label} {_number(values[key])}" for key, label in LOG_KEYS.items()
              if key in values and not redundant.get(label)]
     if not parts:

@@ -14,12 +14,13 @@ import re
 from dataclasses import dataclass, field
 from statistics import median
 
+from stabguard import metrics
 from stabguard.trainer_state import RunState, as_float
 
 ALERT_ABOVE = 10.0
 FINE_BELOW = 1.0
 SEVERITIES = ("ok", "warn", "trouble")
-PRE_CLIP_KEYS = ("grad_norm", "stabguard/grad_norm_pre_clip")
+PRE_CLIP_KEYS = ("grad_norm", metrics.GRAD_NORM_PRE_CLIP)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def dropped_counts(run: RunState) -> tuple[int, int]:
     """(skipped, rolled back) steps of a run: from its events, else from the last logged counters."""
     if run.events:
         return len(run.events_of("skip")), len(run.events_of("rollback"))
-    return _last_count(run, "stabguard/skipped_steps"), _last_count(run, "stabguard/rollbacks")
+    return _last_count(run, metrics.SKIPPED_STEPS), _last_count(run, metrics.ROLLBACKS)
 
 
 def _last_count(run: RunState, key: str) -> int:
@@ -80,15 +81,15 @@ def grad_norms(run: RunState) -> list[tuple[int, float]]:
 
 def peak_grad_norms(run: RunState) -> list[tuple[int, float]]:
     """The largest pre-clip norm since the previous log line where stabguard logged it, else the sample."""
-    peaks = dict(run.column("stabguard/grad_norm_max_since_log"))
+    peaks = dict(run.column(metrics.GRAD_NORM_MAX_SINCE_LOG))
     return [(s, max(v, peaks[s]) if s in peaks and math.isfinite(v) else v) for s, v in grad_norms(run)]
 
 
 def clip_value(run: RunState) -> float | None:
     """The clip the run applied: ``max_grad_norm`` from its state/arguments, unless the post-clip norms
     show one fixed, different clip (a guard's ``max_norm``); adaptive clips vary, and draw no line."""
-    pre = dict(run.column("stabguard/grad_norm_pre_clip"))
-    seen = [post for s, post in run.column("stabguard/grad_norm_post_clip")
+    pre = dict(run.column(metrics.GRAD_NORM_PRE_CLIP))
+    seen = [post for s, post in run.column(metrics.GRAD_NORM_POST_CLIP)
             if s in pre and math.isfinite(post) and post < pre[s] * (1 - 1e-6)]
     fixed = seen and max(seen) <= min(seen) * (1 + 1e-4)
     args_clip = run.max_grad_norm
@@ -189,10 +190,13 @@ def grad_norm_findings(run: RunState) -> list[Finding]:
     return found
 
 
-def skip_cause(message: str) -> str:
-    """ "step 3 skipped: nonfinite: non-finite gradients (loss=…)" -> "non-finite gradients"."""
-    cause = re.sub(r"^step \d+ skipped: ", "", message)
-    cause = re.sub(r"^[\w.-]+: ", "", cause).split(";")[0]
+def skip_cause(event: dict) -> str:
+    """Why a step was skipped, from its event: the verdict's ``reason`` without the guards' names that lead it
+    and the numbers in brackets ("nonfinite: non-finite gradients (loss=…)" -> "non-finite gradients")."""
+    values = event.get("values") or {}
+    reason = str(values.get("reason") or event.get("message", "")).removeprefix(f"step {event.get('step')} skipped: ")
+    lead = f"{event.get('guard')}: "
+    cause = reason.removeprefix(lead).split(";")[0]
     return brief(re.sub(r"\s*\(.*\)$", "", cause).strip()) or "no reason given"
 
 
@@ -206,13 +210,13 @@ def skip_findings(run: RunState) -> list[Finding]:
     """Skips grouped by cause; causes that differ only in their numbers form one group ("e.g. …")."""
     skips = run.events_of("skip")
     if not skips:
-        counted = _last_count(run, "stabguard/skipped_steps")
+        counted = _last_count(run, metrics.SKIPPED_STEPS)
         return [Finding("warn", "skip", f"{counted} step{'s' if counted > 1 else ''} skipped (see events.jsonl)")] if counted else []
     causes_at = stated_causes(run)
     groups: dict[str, tuple[list[int], set[str]]] = {}
     for e in skips:
         guard = str(e.get("guard", "")).split(",")[0]
-        cause = causes_at.get((guard, e.get("step"))) or skip_cause(e.get("message", ""))
+        cause = causes_at.get((guard, e.get("step"))) or skip_cause(e)
         steps, causes = groups.setdefault(re.sub(r"[\d.]+", "#", cause), ([], set()))
         steps.append(e.get("step") or 0)
         causes.add(cause)

@@ -6,7 +6,10 @@ arguments, so new parameters can be added without breaking existing plugins. Eve
 
 The order inside one optimizer step (stabguard/step.py reads the same way)::
 
-    pre_collate -> collate -> post_collate     per micro-batch, in the data loader; verdicts are held
+    pre_collate -> collate                      per micro-batch, where the loader collates (a worker or
+                                               the main process)
+    post_collate            per micro-batch, in the main process, before the model sees it; the data
+                            hooks' verdicts are held for the step that trains on the batch
     forward/backward x gradient accumulation
     post_backward(state)    one shared pass over the gradients has filled state.grad_norm
     pre_step(state)         verdicts, with the held data verdicts: STOP > ROLLBACK > SKIP > PROCEED,
@@ -113,7 +116,7 @@ def preflight(recipe, model, processor, optimizer, report, events):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data (per micro-batch; inside the data loader)
+# Data (per micro-batch: pre_collate where the loader collates, post_collate in the main process)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -133,7 +136,8 @@ def pre_collate(samples, events):
 
 @hookspec
 def post_collate(batch, samples, events):
-    """A micro-batch has been collated into tensors and is about to reach the model.
+    """A micro-batch has been collated into tensors and is about to reach the model (main process, CPU
+    tensors, whether or not loader workers collated it).
 
     :param batch: dict of tensors (``input_ids``, ``attention_mask``, ``labels``, vision inputs);
         may be edited in place (for example labels of a bad sample set to -100).
@@ -153,9 +157,10 @@ def post_collate(batch, samples, events):
 def post_backward(state, events):
     """Gradients of one optimizer step are accumulated (and reduced across ranks).
 
-    ``state.grad_norm`` (pre-clip global L2 norm) and ``state.loss`` (mean loss of the step's
-    micro-batches) are device tensors computed in one pass; read them instead of touching the
-    gradients again. Use ``state.host()`` for Python floats (one shared host sync per step).
+    ``state.grad_norm`` (pre-clip global L2 norm) and ``state.loss`` (the sum of the micro-batch losses
+    as the Trainer scaled them for accumulation: their mean, the step's loss as logged) are device
+    tensors computed in one pass; read them instead of touching the gradients again. Use
+    ``state.host()`` for Python floats (one shared host sync per step).
 
     :param state: the :class:`~stabguard.step.StepState` of this optimizer step.
     :param events: the run's event log.

@@ -45,7 +45,8 @@ class StepState:
 
     :ivar step: the optimizer step being decided, 1-based (the Trainer's ``global_step`` after it).
     :ivar grad_norm: pre-clip global L2 norm of the accumulated gradients (0-dim device tensor).
-    :ivar loss: the step's loss, summed over its micro-batches (0-dim device tensor).
+    :ivar loss: the step's loss as logged: the sum of its micro-batch losses as the Trainer scaled them for
+        accumulation, i.e. their mean (0-dim device tensor).
     :ivar model: the model being trained (under DeepSpeed, its engine: a ``torch.nn.Module`` too).
     :ivar optimizer: the optimizer (accelerate-wrapped).
     :ivar samples: ids of the samples of this step's micro-batches, in order.

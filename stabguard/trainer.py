@@ -19,7 +19,7 @@ import transformers
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from stabguard import seams
+from stabguard import metrics, seams
 from stabguard.engine import TorchEngine
 from stabguard.step import GuardedStep, StepState
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
@@ -320,8 +320,8 @@ class GuardedTrainer:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "grad_norm" in logs:  # training log lines, not the final summary
             self._average_over_kept_steps(logs)
-            logs["stabguard/skipped_steps"] = self.guarded.skipped_steps  # SKIP verdicts
-            logs["stabguard/rollbacks"] = self.guarded.rollbacks  # ROLLBACK verdicts: the other dropped steps
+            logs[metrics.SKIPPED_STEPS] = self.guarded.skipped_steps  # SKIP verdicts
+            logs[metrics.ROLLBACKS] = self.guarded.rollbacks  # ROLLBACK verdicts: the other dropped steps
             self.call_after_step(self.plugins.hook.on_log, logs=logs, state=self.last_step)
             # trainer_state.json is only rewritten at checkpoints; this line lets a monitor follow live.
             self.events.record("core", "log", "", step=self.state.global_step, **logs)

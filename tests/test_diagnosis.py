@@ -119,7 +119,10 @@ def test_zero_loss_with_finite_grads_asks_about_masking(tmp_path):
 
 
 def test_event_messages_are_shortened():
-    assert skip_cause("step 3 skipped: nonfinite: non-finite gradients (loss=7.2, grad_norm=nan)") == "non-finite gradients"
+    skip = {"guard": "nonfinite", "step": 3, "message": "step 3 skipped: nonfinite: non-finite gradients (loss=7.2)",
+            "values": {"reason": "nonfinite: non-finite gradients (loss=7.2, grad_norm=nan)"}}
+    assert skip_cause(skip) == "non-finite gradients"
+    assert skip_cause({**skip, "values": {}}) == "non-finite gradients", "an event without a reason: its message"
     assert brief("loss=7.116981506347656, grad_norm=nan, lr=0.0001") == "loss=7.117, grad_norm=nan, lr=0.0001"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from stabguard import metrics
 from stabguard.diagnosis import (
     FINE_BELOW,
     Diagnosis,
@@ -101,7 +102,7 @@ def grad_norm_row(run: RunState) -> Row:
     if not norms:
         return Row("grad norm", "none logged yet", "warn")
     step, pre = norms[-1]
-    post = dict(run.column("stabguard/grad_norm_post_clip")).get(step)
+    post = dict(run.column(metrics.GRAD_NORM_POST_CLIP)).get(step)
     alert, clip = alert_threshold(run), clip_value(run)
     parts = [f"pre-clip {num(pre)}"] + ([f"post-clip {num(post)}"] if post is not None else [])
     parts.append(f"clip {clip:g}" if clip else "no clip")

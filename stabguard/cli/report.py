@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from stabguard import metrics
 from stabguard.diagnosis import (
     FINE_BELOW,
     Diagnosis,
@@ -36,7 +37,7 @@ def skip_steps(run: RunState) -> list[int]:
     steps = run.event_steps("skip")
     if steps:
         return steps
-    counter = run.column("stabguard/skipped_steps")
+    counter = run.column(metrics.SKIPPED_STEPS)
     return [s for (_, a), (s, b) in zip(counter, counter[1:]) if b > a] + [s for s, v in counter[:1] if v > 0]
 
 
@@ -71,14 +72,14 @@ def grad_limits(values: list[float], lines: list[float]) -> tuple[float, float]:
 def plot_grad_norm(ax, run: RunState, clip: float | None, alert: float) -> None:
     norms = grad_norms(run)
     plot_series(ax, norms, color="#37474f", marker=".", linewidth=1.2, label="pre-clip grad norm")
-    post = dict(run.column("stabguard/grad_norm_post_clip"))
+    post = dict(run.column(metrics.GRAD_NORM_POST_CLIP))
     if post and clip:  # no post-clip value on a skipped step: the line breaks there
         ax.plot([s for s, _ in norms], [post.get(s, math.nan) for s, _ in norms], color=COLORS["clip"],
                 linewidth=0.9, alpha=0.6, label="post-clip")
-    adaptive = run.column("stabguard/grad_norm_adaptive_threshold")
+    adaptive = run.column(metrics.GRAD_NORM_ADAPTIVE_THRESHOLD)
     if adaptive:
         ax.plot(*zip(*adaptive), color=COLORS["clip"], linestyle=":", linewidth=1.2, label="adaptive clip")
-    peaks = [(s, p) for s, p in run.column("stabguard/grad_norm_max_since_log")
+    peaks = [(s, p) for s, p in run.column(metrics.GRAD_NORM_MAX_SINCE_LOG)
              if math.isfinite(p) and p > dict(norms).get(s, math.inf) * 1.001]
     if peaks:
         ax.scatter(*zip(*peaks), marker="^", s=18, color="#78909c", label="max since previous log", zorder=4)
@@ -144,7 +145,7 @@ def run_facts(run: RunState, clip: float | None, alert: float) -> list[str]:
     clipped = f"gradients clipped at {clip:g}" if clip else "clipping not recorded"
     facts = [f"step {run.global_step}{total}{done}", f"read from {source} {events}",
              f"{len(run.history)} training log lines; {clipped}; alert line at grad norm {alert:g}"]
-    if run.events or run.column("stabguard/skipped_steps"):
+    if run.events or run.column(metrics.SKIPPED_STEPS):
         facts.append(f"steps without an update: {dropped_text(*dropped_counts(run))}")
     return facts + [""]
 
