@@ -115,6 +115,13 @@ class Kept:
         return DTensor.from_local(fresh, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
+def gathered_trainable(model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter whole, on the CPU, by name. A sharded one is gathered: a collective, so
+    every rank calls this, in the same order (named_parameters' order is the same on every rank)."""
+    return {name: (p.full_tensor() if is_sharded(p) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
 class SnapshotLike(Protocol):
     """A verified state: the step after which it was taken, the guards' state of that moment, a restore."""
 

@@ -30,6 +30,8 @@ SEAMS = [
     ("accelerate.optimizer.AcceleratedOptimizer", "scaler", "fp16 AMP's GradScaler; a skipped step closes it"),
     ("accelerate.utils.FullyShardedDataParallelPlugin", "fsdp_version", "FSDP1 (flat parameters) is refused; "
                                                                         "FSDP2 gradients are DTensors"),
+    ("accelerate.utils.FullyShardedDataParallelPlugin", "state_dict_type", "sharded: the final save_model writes "
+                                                                           "no weights; the adapter is gathered"),
     ("accelerate.Accelerator", "deepspeed_engine_wrapped", "replaced by stabguard.zero.GuardedEngineWrapper"),
     ("accelerate.utils.deepspeed.DeepSpeedEngineWrapper", "backward", "mirrored by GuardedEngineWrapper.backward, "
                                                                       "with the guarded step before engine.step()"),
@@ -126,6 +128,11 @@ def fsdp2_accelerate_problem() -> str | None:
         return None
     return (f"FSDP2 needs accelerate >= {FSDP2_MIN_ACCELERATE} (installed {installed}): older releases resume a "
             f"sharded checkpoint without its optimizer state; pip install 'accelerate>={FSDP2_MIN_ACCELERATE}'")
+
+
+def fsdp_full_state_dict(accelerator) -> bool:
+    """Whether FSDP saves full state dicts; the Trainer's final ``save_model`` writes weights only then."""
+    return "FULL_STATE_DICT" in str(accelerator.state.fsdp_plugin.state_dict_type)
 
 
 def fsdp_version(accelerator) -> int | None:

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from stabguard import metrics, seams
-from stabguard.engine import TorchEngine
+from stabguard.engine import TorchEngine, gathered_trainable
 from stabguard.step import GuardedStep, StepState
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
 
@@ -345,6 +345,19 @@ class GuardedTrainer:
         trained = steps - self.guarded.dropped_this_run
         if self.guarded.dropped_this_run and trained > 0:
             logs["train_loss"] = logs["train_loss"] * steps / trained
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The Trainer's save. After a sharded FSDP2 run, whose final save writes no weights, the adapter is
+        gathered from every rank's shards and written whole to ``output_dir``, as on every other engine."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call or not self.is_fsdp_enabled or seams.fsdp_full_state_dict(self.accelerator):
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "peft_config"):
+            return  # full fine-tuning under FSDP2: the sharded checkpoints hold the weights
+        weights = gathered_trainable(model)  # every rank takes part
+        if self.args.should_save:
+            model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

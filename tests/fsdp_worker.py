@@ -171,11 +171,13 @@ def main(model_dir: str, train: str, out_dir: str, name: str) -> None:
                          training={**FSDP, **training}, guards={"spike": SPIKE})
     result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=plugins, resume=resume)
     trainer = result.trainer
+    adapter = {n: float(t.double().sum()) for n, t in engine.gathered_trainable(trainer.model).items()}
     events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info")]
     report = {"rank": rank, "world_size": torch.distributed.get_world_size(), "ok": result.ok,
               "fsdp": trainer.is_fsdp_enabled, "global_step": result.global_step,
               "skipped_steps": result.skipped_steps, "verdicts": probe.verdicts, "digests": probe.digests,
               "norms": probe.norms, "full_norms": probe.full_norms, "sharded": probe.sharded, "lrs": probe.lrs,
+              "adapter_sums": adapter,
               "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events]}
     (out / f"rank{rank}_{name}.json").write_text(json.dumps(report, indent=1))
     close_process_group()

@@ -81,7 +81,24 @@ def test_trainer_fsdp2_checkpoint_resumes_shards_and_guard_state(tmp_path, tiny_
         assert after["digests"]["3"] == before["digests"]["3"], "sharded weights and optimizer state resumed bit for bit"
         assert after["digests"]["4"] == before["digests"]["4"] and after["lrs"] == {s: before["lrs"][s] for s in "34"}
         assert any("guard state restored" in e[3] for e in after["events"])
+    assert_final_adapter(tmp_path / "run", tiny_assets, resumed)
     again = json.loads((tmp_path / "run" / "checkpoint-4" / "stabguard_state.json").read_text())
     assert state4["skipped_steps"] == again["skipped_steps"] == 1
     assert {k: v for k, v in again.items() if k != "run"} == {k: v for k, v in state4.items() if k != "run"}, (
         "the guards' state after resuming equals the uninterrupted run's")
+
+
+def assert_final_adapter(output_dir: Path, assets, reports: list[dict]) -> None:
+    """The end of a sharded run leaves the whole adapter in output_dir, as every other engine does: it loads
+    with PeftModel.from_pretrained and holds the weights the ranks' shards gathered to."""
+    import torch
+    from peft import PeftModel
+    from transformers import Qwen3VLForConditionalGeneration
+
+    assert (output_dir / "adapter_model.safetensors").exists(), "the final adapter was written"
+    base = Qwen3VLForConditionalGeneration.from_pretrained(assets["model"], dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, output_dir)
+    sums = {n: float(p.double().sum()) for n, p in loaded.named_parameters() if "lora_" in n}
+    assert sums.keys() == reports[0]["adapter_sums"].keys() == reports[1]["adapter_sums"].keys()
+    for name, value in sums.items():
+        assert value == pytest.approx(reports[0]["adapter_sums"][name], rel=1e-6, abs=1e-9), name
