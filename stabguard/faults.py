@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from stabguard import IGNORE_INDEX, GuardOptions, hookimpl
+from stabguard.testing.probes import corrupted, lora_b
 
 NAME = "faults"
 
@@ -49,8 +50,7 @@ class FaultInjector:
 
     @hookimpl
     def setup_model(self, model, events):
-        # lora_B: lora_A's gradient is zero until lora_B has moved away from its zero init.
-        name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad)
+        name, param = lora_b(model)
         param.register_hook(self._corrupt)
         if self.options.loss_spike_at:
             model.register_forward_hook(self._spike)
@@ -58,13 +58,10 @@ class FaultInjector:
         events.record(NAME, "info", f"fault injection armed on {name}: {armed or 'nothing'}", armed=armed)
 
     def _corrupt(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.step in self.options.grad_scale_at:
-            grad = grad * self.options.grad_scale
-        for steps, value in ((self.options.nan_grad_at, float("nan")), (self.options.inf_grad_at, float("inf"))):
-            if self.step in steps:
-                grad = grad.clone()
-                grad.view(-1)[0] = value
-        return grad
+        opts = self.options
+        scale = opts.grad_scale if self.step in opts.grad_scale_at else None
+        value = float("nan") if self.step in opts.nan_grad_at else float("inf") if self.step in opts.inf_grad_at else None
+        return grad if scale is None and value is None else corrupted(grad, value=value, scale=scale)
 
     def _spike(self, module, args, output):
         if module.training and self.step in self.options.loss_spike_at and getattr(output, "loss", None) is not None:

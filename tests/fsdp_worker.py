@@ -90,19 +90,11 @@ class ShardProbe(StepProbe):
         self.digests[state.step] = digest(state.model, state.optimizer)
 
 
-class OutputGradFault(GradFault):
-    """GradFault at the output of the first LoRA B projection: FSDP2 replaces the parameters when it shards
-    the model, so a hook on the parameter itself would never fire; this one corrupts the backward pass
-    on its way to the (unsharded) LoRA weights' gradients, before FSDP reduce-scatters them."""
-
-    @hookimpl
-    def setup_model(self, model):
-        module = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
-        module.register_forward_hook(self.on_output)
-
-    def on_output(self, module, args, out):
-        if module.training:
-            out.register_hook(self.corrupt)
+def OutputGradFault(at, **kwargs) -> GradFault:  # noqa: N802 - reads as the fault it makes
+    """A GradFault at the first LoRA B output: FSDP2 replaces the parameters when it shards the model, so a
+    hook on the parameter itself would never fire; this one corrupts the backward pass on its way to the
+    (unsharded) LoRA weights' gradients, before FSDP reduce-scatters them."""
+    return GradFault(at, where="output", **kwargs)
 
 
 def scenario(name: str, out: Path):

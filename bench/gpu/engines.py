@@ -54,29 +54,6 @@ def training(out: Path, engine: str, steps: int) -> dict:
 
 # -- one row, inside torchrun ----------------------------------------------------------------------
 
-class NanFault:
-    """A NaN in the backward pass at the first LoRA B output, at the ``at``-th training backward."""
-
-    def __init__(self, at: int):
-        self.at, self.backwards = at, 0
-
-    def attach(self, model) -> None:
-        module = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
-        module.register_forward_hook(self.on_output)
-
-    def on_output(self, module, args, out):
-        if module.training:
-            out.register_hook(self.corrupt)  # returns None: the output itself is left as it is
-
-    def corrupt(self, grad):
-        self.backwards += 1
-        if self.backwards != self.at:
-            return grad
-        grad = grad.clone()
-        grad.view(-1)[0] = float("nan")
-        return grad
-
-
 def all_finite(model) -> bool:
     import torch
 
@@ -111,14 +88,18 @@ def row(engine: str, trainer_kind: str, out: Path, steps: int, fault_step: int) 
     out.mkdir(parents=True, exist_ok=True)
     args_dict = training(out, engine, steps)
     result = {"engine": engine, "trainer": trainer_kind, "lrs": {}, "verdicts": {}}
-    fault = NanFault(fault_step)
+    from stabguard.testing import GradFault
+
+    # A NaN in the backward pass at the first LoRA B output: a hook on the parameter would never fire once
+    # DeepSpeed partitions it.
+    fault = GradFault(at={fault_step}, value=float("nan"), where="output")
     if trainer_kind == "stabguard":
         from stabguard.runner import run
 
         class Probe:
             @hookimpl
             def setup_model(self, model):
-                fault.attach(model)
+                fault.setup_model(model)
 
             @hookimpl(trylast=True)
             def on_step_end(self, state):
@@ -141,7 +122,7 @@ def row(engine: str, trainer_kind: str, out: Path, steps: int, fault_step: int) 
     recipe = load_recipe_without_engine(out)
     targs = transformers.TrainingArguments(**args_dict)
     model, processor, train, collator = build(recipe)
-    fault.attach(model)
+    fault.setup_model(model)
 
     class Lr(TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):

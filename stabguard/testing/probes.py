@@ -18,27 +18,50 @@ def on_rank(rank: int | None) -> bool:
     return rank is None or int(os.environ.get("RANK", "0")) == rank
 
 
+def lora_b(model) -> tuple[str, torch.nn.Parameter]:
+    """The first trainable LoRA B weight (lora_A's gradient is zero until lora_B has moved from zero)."""
+    return next((n, p) for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad)
+
+
+def corrupted(grad: torch.Tensor, *, value: float | None = None, scale: float | None = None) -> torch.Tensor:
+    """``grad`` times ``scale``, and/or with its first element set to ``value`` (NaN, Inf); a new tensor."""
+    grad = grad.clone() if scale is None else grad * scale
+    if value is not None:
+        grad.view(-1)[0] = value
+    return grad
+
+
 class GradFault:
     """Corrupts one LoRA gradient in the chosen backward passes (1-based): ``value`` replaces one
-    element (NaN, Inf), ``scale`` multiplies the whole gradient (1e6). lora_B by default: lora_A's
-    gradient is zero until lora_B has moved away from its zero init."""
+    element (NaN, Inf), ``scale`` multiplies the whole gradient (1e6).
 
-    def __init__(self, at, *, value=None, scale=None, rank=None, param="lora_B"):
+    ``where="param"``: the gradient of the first parameter whose name holds ``param`` (lora_B by default:
+    lora_A's gradient is zero until lora_B has moved away from its zero init). ``where="output"``: the
+    gradient flowing back through the first LoRA B module's output, before the engine reduces anything;
+    for FSDP2 and DeepSpeed, which replace or partition the parameters (a hook on them never fires).
+    """
+
+    def __init__(self, at, *, value=None, scale=None, rank=None, param="lora_B", where="param"):
         self.at, self.value, self.scale, self.rank, self.param = set(at), value, scale, rank, param
-        self.backwards = 0
+        self.where, self.backwards = where, 0
 
     @hookimpl
     def setup_model(self, model):
-        next(p for n, p in model.named_parameters() if self.param in n).register_hook(self.corrupt)
+        if self.where == "output":
+            module = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
+            module.register_forward_hook(self._on_output)
+        else:
+            next(p for n, p in model.named_parameters() if self.param in n).register_hook(self.corrupt)
+
+    def _on_output(self, module, args, out):
+        if module.training:
+            out.register_hook(self.corrupt)
 
     def corrupt(self, grad):
         self.backwards += 1
         if self.backwards not in self.at or not on_rank(self.rank):
             return grad
-        grad = grad.clone() if self.scale is None else grad * self.scale
-        if self.value is not None:
-            grad.view(-1)[0] = self.value
-        return grad
+        return corrupted(grad, value=self.value, scale=self.scale)
 
 
 class LossFault:
