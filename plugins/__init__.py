@@ -1,0 +1,1 @@
+"""The built-in guards, installed as ``stabguard.plugins`` and loaded like any third-party plugin."""

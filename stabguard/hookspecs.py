@@ -26,7 +26,19 @@ decision (``stabguard run`` exits 4; 1 when the exception is a :class:`stabguard
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing this module stays cheap
+    import torch
+    from transformers import TrainingArguments
+
+    from stabguard.events import Alert, EventLog
+    from stabguard.recipe import Recipe
+    from stabguard.step import StepState
+    from stabguard.verdict import Verdict
 
 hookspec = pluggy.HookspecMarker("stabguard")
 hookimpl = pluggy.HookimplMarker("stabguard")
@@ -38,7 +50,7 @@ hookimpl = pluggy.HookimplMarker("stabguard")
 
 
 @hookspec
-def register_guards(register):
+def register_guards(register: Callable[..., None]) -> None:
     """Declare the guards this plugin provides.
 
     Fires once when the plugin manager is built, before the recipe's ``[guards.*]`` tables are checked.
@@ -52,7 +64,7 @@ def register_guards(register):
 
 
 @hookspec
-def configure(recipe, events):
+def configure(recipe: Recipe, events: EventLog) -> None:
     """The recipe is validated and the enabled guards are registered; nothing is loaded yet.
 
     :param recipe: the validated :class:`~stabguard.recipe.Recipe`.
@@ -62,7 +74,7 @@ def configure(recipe, events):
 
 
 @hookspec
-def setup_model(model, processor, recipe, events):
+def setup_model(model: torch.nn.Module, processor: Any, recipe: Recipe | None, events: EventLog) -> None:
     """The model is loaded and PEFT-wrapped, before the Trainer is built.
 
     Freezing, audits and parameter tables belong here. Raise :class:`stabguard.GuardError` to refuse
@@ -77,7 +89,8 @@ def setup_model(model, processor, recipe, events):
 
 
 @hookspec(firstresult=True)
-def make_optimizer(model, args, param_groups, events):
+def make_optimizer(model: torch.nn.Module, args: TrainingArguments, param_groups: list[dict],
+                   events: EventLog) -> torch.optim.Optimizer | None:
     """Build the optimizer instead of the Trainer's default.
 
     Fires once, when the Trainer creates its optimizer.
@@ -93,7 +106,8 @@ def make_optimizer(model, args, param_groups, events):
 
 
 @hookspec
-def preflight(recipe, model, processor, optimizer, report, events):
+def preflight(recipe: Recipe, model: torch.nn.Module, processor: Any, optimizer: torch.optim.Optimizer | None,
+              report: Callable[..., None], events: EventLog) -> None:
     """``stabguard check`` asks each guard what it can tell before any training.
 
     Fires once per check, after ``configure`` and ``setup_model`` ran on a skeleton of the model (LoRA
@@ -121,7 +135,7 @@ def preflight(recipe, model, processor, optimizer, report, events):
 
 
 @hookspec
-def pre_collate(samples, events):
+def pre_collate(samples: list[dict], events: EventLog) -> Verdict | None:
     """A micro-batch of sample dicts is about to be collated.
 
     :param samples: list of sample dicts (``id``, ``messages``, ``images``). Implementations may edit
@@ -135,7 +149,7 @@ def pre_collate(samples, events):
 
 
 @hookspec
-def post_collate(batch, samples, events):
+def post_collate(batch: dict[str, torch.Tensor], samples: list[dict], events: EventLog) -> Verdict | None:
     """A micro-batch has been collated into tensors and is about to reach the model (main process, CPU
     tensors, whether or not loader workers collated it).
 
@@ -154,7 +168,7 @@ def post_collate(batch, samples, events):
 
 
 @hookspec
-def post_backward(state, events):
+def post_backward(state: StepState, events: EventLog) -> None:
     """Gradients of one optimizer step are accumulated (and reduced across ranks).
 
     ``state.grad_norm`` (pre-clip global L2 norm) and ``state.loss`` (the sum of the micro-batch losses
@@ -169,7 +183,7 @@ def post_backward(state, events):
 
 
 @hookspec
-def pre_step(state, events):
+def pre_step(state: StepState, events: EventLog) -> Verdict | None:
     """Decide whether this optimizer step may run.
 
     Fires after ``post_backward``, before clipping and ``optimizer.step()``. A guard that wants the
@@ -187,7 +201,7 @@ def pre_step(state, events):
 
 
 @hookspec
-def on_rollback(state, restored_step, events):
+def on_rollback(state: StepState, restored_step: int, events: EventLog) -> None:
     """A ROLLBACK restored the weights and optimizer state of the last verified snapshot.
 
     Fires on every rank, after the restore and before ``on_step_end``. Guards whose statistics describe
@@ -201,7 +215,7 @@ def on_rollback(state, restored_step, events):
 
 
 @hookspec
-def on_step_end(state, events):
+def on_step_end(state: StepState, events: EventLog) -> None:
     """The optimizer step has been applied, skipped or stopped (``state.verdict`` says which).
 
     :param state: the :class:`~stabguard.step.StepState` of this optimizer step.
@@ -211,7 +225,7 @@ def on_step_end(state, events):
 
 
 @hookspec
-def on_log(logs, state, events):
+def on_log(logs: dict[str, float], state: StepState | None, events: EventLog) -> None:
     """The Trainer is about to log ``logs`` (on logging steps only).
 
     :param logs: the dict about to be logged; add ``stabguard/<name>`` metrics in place. They reach
@@ -228,7 +242,7 @@ def on_log(logs, state, events):
 
 
 @hookspec
-def state_dict():
+def state_dict() -> dict | None:
     """A checkpoint is being written.
 
     :return: a JSON-serialisable dict of this guard's state (running statistics, counters) or None.
@@ -237,7 +251,7 @@ def state_dict():
 
 
 @hookspec
-def load_state_dict(state):
+def load_state_dict(state: dict) -> None:
     """A run resumes from a checkpoint; receives what ``state_dict`` returned for this plugin.
 
     :param state: the dict this plugin returned from ``state_dict`` when the checkpoint was written.
@@ -246,7 +260,7 @@ def load_state_dict(state):
 
 
 @hookspec
-def on_alert(alert):
+def on_alert(alert: Alert) -> None:
     """An alert was recorded (grad-norm spike, rollback, ...): send it somewhere a person sees it.
 
     :param alert: an :class:`~stabguard.events.Alert` (guard, message, step, values).
@@ -255,7 +269,7 @@ def on_alert(alert):
 
 
 @hookspec
-def on_train_end(state, reason, events):
+def on_train_end(state: StepState | None, reason: str | None, events: EventLog) -> None:
     """Training has ended, normally or by a STOP verdict.
 
     :param state: the last :class:`~stabguard.step.StepState`, or None if no step ran.

@@ -1,0 +1,1 @@
+"""Package data: the templates ``stabguard new-plugin`` renders."""
