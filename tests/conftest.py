@@ -93,3 +93,32 @@ def qwen_processor(qwen_tokenizer):
     from stabguard.qwen import build_processor
 
     return build_processor(qwen_tokenizer, min_pixels=4 * 32 * 32, max_pixels=16 * 32 * 32)
+
+
+# ---- engines: DeepSpeed's CPU ops, built once per environment before any DeepSpeed launch --------------
+
+BUILD_DEEPSPEED_OPS = """
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load()
+"""
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu_ops(request):
+    """DeepSpeed's CPU ops (the shared-memory collective every launch loads, cpu_adam for the offload case),
+    built here once per environment, with a message, rather than inside a launch and its time limit."""
+    import importlib.util
+
+    from support_launch import launch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nstabguard tests: DeepSpeed's CPU ops in {os.environ['TORCH_EXTENSIONS_DIR']} (built on first "
+              "use: minutes on 2 cores, once per environment)", flush=True)
+    launch([sys.executable, "-c", BUILD_DEEPSPEED_OPS], limit_s=1800,
+           what="building DeepSpeed's CPU ops (deepspeed_shm_comm, cpu_adam)")

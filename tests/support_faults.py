@@ -1,6 +1,6 @@
 """The gradient-guard tests' runs: faults and probes come from ``stabguard.testing`` (public, one copy).
 
-Used by tests/plugins/test_{nonfinite,grad_norm,spike}.py and tests/dist_worker.py.
+Used by tests/plugins/test_{nonfinite,grad_norm,spike}.py and tests/engine_worker.py.
 """
 
 from __future__ import annotations

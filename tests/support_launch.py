@@ -11,6 +11,7 @@ with ``STABGUARD_TEST_TIMEOUT_SCALE`` (e.g. 2 on a machine known to be slow).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,12 +57,14 @@ def launch(cmd: list[str], *, what: str, cwd: Path | None = None, limit_s: float
             proc.wait()
             raise AssertionError(f"{what}: still running after {time.monotonic() - started:.0f} s (limit {limit:.0f} s:"
                                  f" a hang, or a machine far too loaded; STABGUARD_TEST_TIMEOUT_SCALE=2 doubles it); "
-                                 f"killed with its workers. Command: {' '.join(cmd)}\nLast output:\n{_tail(log)}") from None
+                                 f"killed with its workers. Command: {' '.join(cmd)}\n"
+                                 f"Last output:\n{_tail(log)}") from None
         finally:
             kill_marked(marker)
         out = _tail(log, 100_000)
     if check:
-        assert proc.returncode == 0, f"{what} exited {proc.returncode} after {time.monotonic() - started:.0f} s:\n{out[-6000:]}"
+        took = time.monotonic() - started
+        assert proc.returncode == 0, f"{what} exited {proc.returncode} after {took:.0f} s:\n{out[-6000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
@@ -97,3 +100,15 @@ def kill_marked(marker: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+
+
+ENGINE_WORKER = Path(__file__).with_name("engine_worker.py")
+
+
+def engine_run(out: Path, engine: str, scenario: str, assets=None, nproc: int = 2) -> list[dict]:
+    """tests/engine_worker.py under torchrun: ENGINE (ddp, fsdp2, zero1/2/3 and options) runs SCENARIO on
+    ``nproc`` CPU ranks; returns each rank's report."""
+    model, train = (assets["model"], assets["train"]) if assets else ("-", "-")
+    torchrun(ENGINE_WORKER, engine, model, train, out, scenario, nproc=nproc, cwd=out,
+             what=f"{engine} '{scenario}' on {nproc} rank(s) (tests/engine_worker.py)")
+    return [json.loads((out / f"rank{r}_{scenario}.json").read_text()) for r in range(nproc)]

@@ -1,8 +1,10 @@
-"""FSDP2 on two CPU ranks (gloo, torchrun): the guarded step on sharded parameters, for real.
+"""FSDP2 on two CPU ranks (gloo, torchrun): the engine functions on sharded gradients, and a sharded run's
+checkpoint, resume and final adapter.
 
-tests/fsdp_worker.py runs the Trainer's own FSDP2 path (``training.fsdp = true``, fsdp_config
-version 2) with only accelerate's accelerator-only gate lifted, or ``fully_shard`` on a small MLP for the
-engine functions. Faults hit rank 1 only. Each launch takes 5-15 s on 2 cores; a hang fails at the timeout.
+tests/engine_worker.py runs the Trainer's own FSDP2 path (``training.fsdp = true``, fsdp_config version 2)
+with only accelerate's accelerator-only gate lifted, or ``fully_shard`` on a small MLP for the engine
+functions. The fault scenario every engine shares is in tests/test_engines.py. Each launch takes 5-15 s on
+2 cores.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from support_launch import torchrun
+from support_launch import engine_run
 
 from stabguard.seams import fsdp2_accelerate_problem
-
-WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available() and importlib.util.find_spec("torch.distributed.run")),
@@ -27,14 +27,8 @@ pytestmark = [pytest.mark.engines, pytest.mark.skipif(
 )]
 
 
-def launch(out: Path, scenario: str, assets=None) -> list[dict]:
-    model, train = (assets["model"], assets["train"]) if assets else ("-", "-")
-    torchrun(WORKER, model, train, out, scenario, what=f"FSDP2 '{scenario}' on 2 ranks (tests/fsdp_worker.py)")
-    return [json.loads((out / f"rank{r}_{scenario}.json").read_text()) for r in (0, 1)]
-
-
 def test_engine_norm_clip_and_restore_on_fully_sharded_gradients(tmp_path):
-    rank0, rank1 = launch(tmp_path, "engine")
+    rank0, rank1 = engine_run(tmp_path, "fsdp2", "functions")
     for r in (rank0, rank1):
         assert r["sharded"], "the gradients must be DTensors for this test to mean anything"
         assert r["norm"] == pytest.approx(r["full_norm"], rel=1e-6), "the norm of the unsharded gradients"
@@ -45,37 +39,12 @@ def test_engine_norm_clip_and_restore_on_fully_sharded_gradients(tmp_path):
     assert rank0["local_finite"] and not rank1["local_finite"], "rank 0 holds no NaN itself"
 
 
-needs_accelerate = pytest.mark.skipif(fsdp2_accelerate_problem() is not None, reason=str(fsdp2_accelerate_problem()))
-
-
-@needs_accelerate
-def test_trainer_fsdp2_faults_on_one_rank_are_decided_alike_on_both(tmp_path, tiny_assets):
-    rank0, rank1 = launch(tmp_path, "faults", tiny_assets)
-    for r in (rank0, rank1):
-        assert r["fsdp"] and all(r["sharded"].values()), "the Trainer ran FSDP2: DTensor gradients every step"
-        assert r["ok"] and r["global_step"] == 8
-        assert r["verdicts"] == rank0["verdicts"]
-        for step, norm in r["norms"].items():  # the guards' norm is the unsharded one, on both ranks
-            assert norm == rank0["norms"][step] or math.isnan(norm) and math.isnan(rank0["norms"][step])
-            assert math.isnan(norm) == math.isnan(r["full_norms"][step])
-            assert math.isnan(norm) or norm == pytest.approx(r["full_norms"][step], rel=1e-5)
-        digests, lrs = r["digests"], r["lrs"]
-        assert digests["2"] == digests["1"] and digests["4"] == digests["3"], "a skip changes no shard and no state"
-        assert digests["7"] == digests["5"] != digests["6"], "the rollback restores this rank's shards of step 5"
-        assert lrs["3"] == lrs["2"] and lrs["5"] == lrs["4"], "a skipped step holds the LR scheduler"
-        assert [(e[0], e[2]) for e in r["events"] if e[0] in ("skip", "rollback")] == [
-            ("skip", 2), ("skip", 4), ("rollback", 7)]
-    assert {s: v for s, v in rank0["verdicts"].items() if v != "PROCEED"} == {
-        "2": "SKIP", "4": "SKIP", "7": "ROLLBACK"}, "rank 1's NaN gradient, its NaN loss, its loss spike"
-    assert rank0["digests"]["1"] != rank1["digests"]["1"], "each rank holds its own shard"
-
-
-@needs_accelerate
+@pytest.mark.skipif(fsdp2_accelerate_problem() is not None, reason=str(fsdp2_accelerate_problem()))
 def test_trainer_fsdp2_checkpoint_resumes_shards_and_guard_state(tmp_path, tiny_assets):
-    saved = launch(tmp_path, "save", tiny_assets)
+    saved = engine_run(tmp_path, "fsdp2", "save", tiny_assets)
     state4 = json.loads((tmp_path / "run" / "checkpoint-4" / "stabguard_state.json").read_text())
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")
-    resumed = launch(tmp_path, "resume", tiny_assets)  # from checkpoint-2, the same fault at step 3
+    resumed = engine_run(tmp_path, "fsdp2", "resume", tiny_assets)  # from checkpoint-2, the same fault at step 3
     for before, after in zip(saved, resumed):
         assert before["verdicts"]["3"] == after["verdicts"]["3"] == "SKIP"
         assert after["digests"]["3"] == before["digests"]["3"], "sharded weights and optimizer state resumed bit for bit"

@@ -1,0 +1,63 @@
+"""The same faults, the same expectations, on every engine the guarded step runs on: a single device, DDP,
+FSDP2 and DeepSpeed ZeRO-1/2/3 (with bf16 weights, two micro-batches per step, the optimizer offloaded).
+
+Each engine runs tests/engine_worker.py's "faults" scenario for real on CPU ranks (gloo, torchrun): the
+last rank alone gets a NaN gradient at step 2, a NaN loss at step 4 and a x50 loss spike at step 7. Every
+rank must decide alike, change nothing on a skip, restore its own part of the verified state on the
+rollback, hold the LR scheduler, and measure the norm of the whole gradients. About 20-60 s per engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch.distributed as dist
+from support_launch import engine_run
+
+from stabguard.seams import fsdp2_accelerate_problem
+
+pytestmark = [pytest.mark.engines, pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available() and importlib.util.find_spec("torch.distributed.run")),
+    reason="needs torch.distributed with the gloo backend and torchrun")]
+
+ZERO = {"zero1": "DeepSpeedZeroOptimizer", "zero2": "DeepSpeedZeroOptimizer", "zero3": "DeepSpeedZeroOptimizer_Stage3"}
+ENGINES = [("ddp", 1), ("ddp", 2), ("fsdp2", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("zero2-bf16", 2),
+           ("zero3-bf16", 2), ("zero3-bf16-ga2", 2), ("zero2-bf16-offload", 2)]
+
+
+@pytest.mark.parametrize("engine, ranks", ENGINES, ids=["single" if n == 1 else e for e, n in ENGINES])
+def test_faults_on_one_rank_are_decided_alike_and_leave_no_trace(request, tmp_path, tiny_assets, engine, ranks):
+    kind = engine.split("-")[0]
+    if kind == "fsdp2" and fsdp2_accelerate_problem():
+        pytest.skip(fsdp2_accelerate_problem())
+    if kind in ZERO:
+        request.getfixturevalue("deepspeed_cpu_ops")
+    reports = engine_run(tmp_path, engine, "faults", tiny_assets, nproc=ranks)
+    first = reports[0]
+    dropped = {s: v for s, v in first["verdicts"].items() if v != "PROCEED"}
+    assert dropped == {"2": "SKIP", "4": "SKIP", "7": "ROLLBACK"}, "the last rank's NaN gradient, NaN loss, loss spike"
+    for r in reports:
+        assert r["ok"] and r["global_step"] == 8 and r["verdicts"] == first["verdicts"], "every rank decides alike"
+        assert [(e[0], e[2]) for e in r["events"] if e[0] in ("skip", "rollback")] == [("skip", 2), ("skip", 4),
+                                                                                       ("rollback", 7)]
+        for step, norm in r["norms"].items():  # one measure on every rank: the norm of the whole gradients
+            full = r["full_norms"][step]
+            assert norm == first["norms"][step] or (math.isnan(norm) and math.isnan(first["norms"][step]))
+            assert (not math.isfinite(norm)) if math.isnan(full) else norm == pytest.approx(full, rel=1e-4)
+        d, lrs = r["digests"], r["lrs"]
+        assert d["2"] == d["1"] and d["4"] == d["3"], "a skip changes no weight and no optimizer state"
+        assert d["7"] == d["5"] != d["6"], "the rollback restores this rank's part of the step-5 state, bit for bit"
+        assert lrs["3"] == lrs["2"] and lrs["5"] == lrs["4"] and lrs["8"] == lrs["7"], "a dropped step holds the LR"
+    if kind == "ddp":
+        assert all(r["digests"] == first["digests"] for r in reports), "replicas stay bit-identical"
+    else:
+        assert first["digests"]["1"] != reports[-1]["digests"]["1"], "each rank holds its own shard or partition"
+    if kind == "fsdp2":
+        assert all(all(r["sharded"].values()) for r in reports), "the gradients were DTensors at every step"
+    if kind in ZERO:
+        for r in reports:
+            assert r["deepspeed"] and r["zero"] == ZERO[kind], "the Trainer ran DeepSpeed's ZeRO optimizer"
+            assert r["counters"]["8"] == {"global_steps": 8, "skipped_steps": 3}, "DeepSpeed counted its own skips"
+            assert set(r["stale"].values()) == {0}, "the model reads the weights the optimizer holds"
