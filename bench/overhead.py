@@ -56,12 +56,21 @@ SNAPSHOT_EVERY = [1]  # the recipe default; --snapshot-every
 
 
 def count_gradient_passes() -> None:
-    """Wrap torch's global-norm and clip-by-norm functions under every name they are called by."""
-    norm, scale = clip_grad._get_total_norm, clip_grad._clip_grads_with_norm_
+    """Wrap the global-norm passes (torch's, which the plain Trainer runs, and stabguard's, which keeps the
+    per-tensor norms of the same kernels) and torch's clip-by-norm under every name they are called by."""
+    import stabguard.engine
+
+    norm, ours, scale = clip_grad._get_total_norm, stabguard.engine.grad_norms, clip_grad._clip_grads_with_norm_
 
     def counted_norm(*args, **kwargs):
         PASSES["norm"] += 1
         return norm(*args, **kwargs)
+
+    def counted_ours(*args, **kwargs):
+        PASSES["norm"] += 1
+        return ours(*args, **kwargs)
+
+    stabguard.engine.grad_norms = counted_ours
 
     def counted_scale(*args, **kwargs):
         PASSES["scale"] += 1

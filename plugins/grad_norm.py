@@ -80,6 +80,7 @@ class GradNormGuard:
         self.adaptive_clips = 0  # a device tensor once adaptive clipping has started
         self.pre_clip = self.post_clip = self.max_since_log = None
         self.alert_value = None  # this step's contribution to alert_stats, added if the step trains
+        self.pending_alert: tuple[str, dict] | None = None  # recorded in on_step_end, with where it came from
 
     @hookimpl
     def pre_step(self, state, events):
@@ -94,31 +95,39 @@ class GradNormGuard:
             self.threshold = self.clip_stats.mean + self.options.adaptive_z * self.clip_stats.std()
             self.adaptive_clips = self.adaptive_clips + (norm > self.threshold).long()
             state.clip_to(self.threshold)
+        self.pending_alert = None
         if self.options.alert_above or self.options.alert_z:
-            self._alert(state.step, state.host()["grad_norm"], events)
+            self._alert(state.step, state.host()["grad_norm"])
+        if self.pending_alert is not None:
+            state.ask_where()  # the alert says where the norm came from, once the core has worked it out
         return None
 
-    def _alert(self, step: int, norm: float, events) -> None:
+    def _alert(self, step: int, norm: float) -> None:
         self.alert_value = None
         if not math.isfinite(norm):
             return  # nonfinite's business; keep the statistics clean
         opts, stats = self.options, self.alert_stats
         z = (norm - stats.mean) / stats.std() if opts.alert_z and stats.ready and stats.var > 0 else 0.0
         if opts.alert_above and norm > opts.alert_above:
-            events.alert(NAME, f"grad norm {norm:.3g} above {opts.alert_above:g} at step {step}",
-                         step=step, grad_norm=norm, threshold=opts.alert_above,
-                         cause="grad norm above threshold")
+            self.pending_alert = (f"grad norm {norm:.3g} above {opts.alert_above:g} at step {step}",
+                                  {"grad_norm": norm, "threshold": opts.alert_above, "cause": "grad norm above threshold"})
         elif opts.alert_z and z > opts.alert_z:
-            events.alert(NAME, f"grad norm {norm:.3g} is {z:.1f} sigma above its running mean "
-                         f"{stats.mean:.3g} at step {step}", step=step, grad_norm=norm, z=z,
-                         threshold=opts.alert_z, cause="grad norm z-score spike")
+            self.pending_alert = (f"grad norm {norm:.3g} is {z:.1f} sigma above its running mean {stats.mean:.3g} at "
+                                  f"step {step}", {"grad_norm": norm, "z": z, "threshold": opts.alert_z,
+                                                   "cause": "grad norm z-score spike"})
         # A spike must not widen the statistics it is judged against (ZClip does the same): add it capped,
         # in on_step_end, and only if the step trains (a skipped step's norm is not the run's).
         spike = opts.alert_z and z > opts.alert_z
         self.alert_value = stats.mean + opts.alert_z * stats.std() if spike else norm
 
     @hookimpl
-    def on_step_end(self, state):
+    def on_step_end(self, state, events):
+        if self.pending_alert is not None:
+            message, values = self.pending_alert
+            if state.where is not None:
+                message, values = f"{message}; where: {state.where.brief()}", {**values, "where": state.where.values()}
+            events.alert(NAME, message, step=state.step, **values)
+            self.pending_alert = None
         if self.pre_clip is None or state.verdict.action != Action.PROCEED:
             self.post_clip = None
             return

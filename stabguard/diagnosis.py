@@ -65,6 +65,51 @@ def _last_count(run: RunState, key: str) -> int:
     return int(max((v for _, v in run.column(key) if math.isfinite(v)), default=0))
 
 
+def where_events(run: RunState) -> list[dict]:
+    """The events that say where their step broke (skips, rollbacks, stops and alerts with ``where``)."""
+    return [e for e in run.events if isinstance((e.get("values") or {}).get("where"), dict)]
+
+
+@dataclass
+class WhereGrid:
+    """The anomalous steps side by side: ``shares[r][c]`` is module ``rows[r]``'s share of the squared grad
+    norm at step ``columns[c]`` (0 when not among that step's top modules); ``nonfinite[r][c]`` counts its
+    gradient tensors holding NaN/Inf there."""
+
+    columns: list[tuple[int, str]]  # (step, what happened: "skip", "rollback", "alert", "stop")
+    rows: list[str]  # "module (part)"; a module with NaN/Inf gradients is named without a part
+    shares: list[list[float]]
+    nonfinite: list[list[int]]
+
+
+def where_grid(run: RunState, top: int = 8) -> WhereGrid | None:
+    """The modules behind the anomalous steps (one column per step, whichever of its events said where),
+    the ``top`` of them by their largest share; modules with NaN/Inf gradients first. None when no event
+    says where."""
+    by_step: dict[int, tuple[str, dict]] = {}
+    for event in where_events(run):
+        step = event.get("step")
+        if isinstance(step, int) and step not in by_step:
+            by_step[step] = event.get("kind", ""), event["values"]["where"]
+    if not by_step:
+        return None
+    columns = sorted(by_step)
+    share: dict[str, dict[int, float]] = {}
+    bad: dict[str, dict[int, int]] = {}
+    for step in columns:
+        where = by_step[step][1]
+        for module, part, value in where.get("modules", []):
+            label = module if part == "weight" else f"{module} ({part})"
+            share.setdefault(label, {})[step] = float(value)
+        for module, count in (where.get("nonfinite") or {}).items():
+            bad.setdefault(module, {})[step] = int(count)
+    ranked = sorted(set(share) | set(bad), key=lambda m: (-sum(bad.get(m, {}).values()),
+                                                          -max(share.get(m, {0: 0.0}).values())))[:top]
+    return WhereGrid(columns=[(s, by_step[s][0]) for s in columns], rows=ranked,
+                     shares=[[share.get(m, {}).get(s, 0.0) for s in columns] for m in ranked],
+                     nonfinite=[[bad.get(m, {}).get(s, 0) for s in columns] for m in ranked])
+
+
 # -- the run's series ------------------------------------------------------------------------------
 
 def losses(run: RunState) -> list[tuple[int, float]]:

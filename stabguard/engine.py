@@ -37,28 +37,64 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients of ``params``, the same on every rank (no host sync; NaN/Inf propagate).
+    """Global L2 norm of the gradients of ``params``, the same on every rank (no host sync; NaN/Inf propagate)."""
+    return grad_norms(params)[0]
 
-    Plain gradients: one fused pass. DTensor gradients: one pass per device mesh, whose partial result
-    ``full_tensor()`` reduces across the mesh (one all-reduce); the groups' norms are combined locally.
+
+def grad_norms(params: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The global norm, and each gradient's norm, from one pass: the kernels torch's ``get_total_norm``
+    runs (``_foreach_norm`` per device and dtype, then the norm of the stacked norms), its per-tensor
+    results kept. No host sync; NaN/Inf propagate.
+
+    Plain gradients: the per-tensor norms are whole (under DDP, of the all-reduced gradients). DTensor
+    gradients: one pass per device mesh gives partial norms, whose total ``full_tensor()`` reduces across
+    the mesh (one all-reduce); the per-tensor ones stay partial (``global_tensor_norms`` reduces them).
     """
     grads = [p.grad for p in params]
     if not grads:
-        return torch.zeros(())
-    if not any(is_sharded(g) for g in grads):
-        return _total_norm(grads)
+        return torch.zeros(()), []
     groups: dict = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if is_sharded(g) else None, []).append(g)
-    norms = [_total_norm(group) for group in groups.values()]
-    norms = [n.full_tensor() if is_sharded(n) else n for n in norms]
-    if len(norms) == 1:
-        return norms[0]
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+    for i, g in enumerate(grads):
+        groups.setdefault(g.device_mesh if is_sharded(g) else None, []).append(i)
+    per_tensor: list[torch.Tensor | None] = [None] * len(grads)
+    totals = []
+    for indices in groups.values():
+        norms = _tensor_norms([grads[i] for i in indices])
+        for i, n in zip(indices, norms):
+            per_tensor[i] = n
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+        totals.append(total.full_tensor() if is_sharded(total) else total)
+    if len(totals) == 1:
+        return totals[0], per_tensor
+    return torch.linalg.vector_norm(torch.stack([n.to(totals[0].device) for n in totals]), 2.0), per_tensor
 
 
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+def _tensor_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's L2 norm, in order, with one ``_foreach_norm`` per device and dtype."""
+    by_kind: dict = {}
+    for i, g in enumerate(grads):
+        by_kind.setdefault((g.device, g.dtype), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    for indices in by_kind.values():
+        for i, n in zip(indices, torch._foreach_norm([grads[i] for i in indices], 2.0)):
+            out[i] = n
+    return out
+
+
+def global_tensor_norms(norms: list[torch.Tensor]) -> torch.Tensor:
+    """The per-tensor norms of :func:`grad_norms` as one host-ready tensor of global values: a sharded
+    one's partial norms are reduced across its mesh (one collective per mesh: every rank calls this)."""
+    if not norms:
+        return torch.zeros(0)
+    meshes: dict = {}
+    for i, n in enumerate(norms):
+        meshes.setdefault(n.device_mesh if is_sharded(n) else None, []).append(i)
+    out = torch.empty(len(norms), dtype=torch.float32)
+    for mesh, indices in meshes.items():
+        stacked = torch.stack([norms[i] for i in indices])
+        values = stacked.full_tensor() if mesh is not None else stacked
+        out[indices] = values.float().cpu()
+    return out
 
 
 def clip_with_norm(params: list[torch.Tensor], max_norm: float | torch.Tensor, norm: torch.Tensor) -> None:
@@ -150,12 +186,39 @@ class Engine(Protocol):
     def snapshot(self, step: int, model, optimizer, offload: bool, guard_state: Any) -> SnapshotLike:
         """The trainable state as it is now, after ``step``."""
 
+    def tensor_norms(self, model) -> tuple[list[str], torch.Tensor]:
+        """This step's gradient norm per parameter, global, on the CPU: for an anomalous step only (under
+        sharding it takes collectives, which every rank runs together after the agreement)."""
+
+    def replayable(self, model) -> bool:
+        """Whether a forward of this rank alone can run (not when the weights are sharded)."""
+
+    def missing_gradients(self, model) -> list[str]:
+        """Trainable parameters that got no gradient this step (free to ask: no sync), or [] when the
+        engine keeps gradients elsewhere."""
+
 
 class TorchEngine:
     """The guarded step's actions on gradients in ``p.grad``: single device, DDP and FSDP2."""
 
+    def __init__(self):
+        self._names: list[str] = []
+        self._norms: list[torch.Tensor] = []  # this step's per-tensor norms, on the device
+
     def grad_norm(self, model) -> torch.Tensor:
-        return grad_norm([p for p in model.parameters() if p.grad is not None])
+        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        total, self._norms = grad_norms([p for _, p in named])
+        self._names = [n for n, _ in named]
+        return total
+
+    def tensor_norms(self, model) -> tuple[list[str], torch.Tensor]:
+        return self._names, global_tensor_norms(self._norms)
+
+    def replayable(self, model) -> bool:
+        return not any(is_sharded(p) for p in model.parameters())
+
+    def missing_gradients(self, model) -> list[str]:
+        return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
     def clip(self, model, max_norm, norm) -> None:
         params = [p for p in model.parameters() if p.grad is not None]

@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stabguard.diagnosis import brief, clip_value, num, peak_grad_norms
+from stabguard.diagnosis import brief, clip_value, num, peak_grad_norms, where_events
 from stabguard.events import read_events
 from stabguard.trainer_state import RunState, TrainerStateError, as_float, load_run, training_arg
+from stabguard.where import Where
 
 CHECK = "`stabguard check RECIPE`"
 
@@ -37,6 +38,7 @@ class Evidence:
     accumulation: int | None = None
     samples: list[str] = field(default_factory=list)  # guard messages that name a sample
     precision: list[str] = field(default_factory=list)
+    where: tuple[int, Where] | None = None  # the last anomalous step that said where it broke
 
 
 def _run(output_dir: Path) -> RunState:
@@ -89,6 +91,9 @@ def gather(output_dir: str | Path, stop_reason: str | None) -> Evidence:
     ev.samples = [e["message"] for e in run.events if e.get("kind") != "info" and
                   ((e.get("values") or {}).get("sample") or (e.get("values") or {}).get("samples"))]
     ev.precision = [e["message"] for e in run.events if e.get("guard") == "precision" and e.get("kind") == "alert"]
+    located = where_events(run)
+    if located:
+        ev.where = located[-1].get("step"), Where.from_values(located[-1]["values"]["where"])
     return ev
 
 
@@ -139,6 +144,28 @@ def batch_hint(ev: Evidence) -> str | None:
             f"keeps the effective batch of {ev.batch * accumulation} with less padding and activation memory per step.")
 
 
+def where_hint(ev: Evidence) -> str | None:
+    """What the modules behind the last anomalous step suggest."""
+    if ev.where is None:
+        return None
+    step, where = ev.where
+    vision = [m for m in [*where.nonfinite, *(m for m, _, _ in where.modules)] if m.startswith("visual")]
+    if vision:
+        return (f"where: at step {step} gradients reached the vision tower ({vision[0]}): is it really frozen? "
+                "[guards.vision_freeze] audits it; train_projector = false keeps the merger frozen too.")
+    if where.first_nonfinite_output:
+        return (f"where: at step {step} the first non-finite output was {where.first_nonfinite_output}'s; with finite "
+                "inputs that points at its weights or the precision (fp16 overflow), not at the data.")
+    if where.nonfinite:
+        module = next(iter(where.nonfinite))
+        return f"where: at step {step} the NaN/Inf gradients start in {module}; {where.brief()}."
+    if where.modules and where.modules[0][2] >= 0.8:
+        module, part, share = where.modules[0]
+        return (f"where: at step {step} {share:.0%} of the squared grad norm came from {part} of {module} alone: "
+                "a single bad sample? The step's samples are in its event.")
+    return None
+
+
 def files_hint(ev: Evidence) -> str:
     precision = f" The precision guard warned: {ev.precision[0][:200]}" if ev.precision else ""
     files = ("config.json, preprocessor_config.json, the tokenizer files, the chat template and every shard in the "
@@ -153,7 +180,7 @@ def hints_for(output_dir: str | Path, stop_reason: str | None) -> list[str]:
     """Hints for a stopped run, most likely cause first, each with the evidence behind it."""
     ev = gather(output_dir, stop_reason)
     if ev.first_bad and ev.first_bad[0] <= 1:
-        order = [files_hint(ev), data_hint(ev), lr_hint(ev), clip_hint(ev), batch_hint(ev)]
+        order = [where_hint(ev), files_hint(ev), data_hint(ev), lr_hint(ev), clip_hint(ev), batch_hint(ev)]
     else:
-        order = [data_hint(ev), lr_hint(ev), clip_hint(ev), batch_hint(ev), files_hint(ev)]
+        order = [where_hint(ev), data_hint(ev), lr_hint(ev), clip_hint(ev), batch_hint(ev), files_hint(ev)]
     return [hint for hint in order if hint]

@@ -38,6 +38,8 @@ SEAMS = [
     ("transformers.trainer_callback.ProgressCallback", "on_log", "replaced on the run's instance: the console's "
                                                                  "compact line stands in for the log dict"),
     ("torch", "_foreach_mul_", "scales the local shards of sharded gradients by the clip coefficient, on the device"),
+    ("torch", "_foreach_norm", "one norm per gradient tensor in the step's single norm pass, kept on the device "
+                               "for where.py"),
     ("pluggy.HookCaller", "get_hookimpls", "one call per plugin for state_dict/load_state_dict (a hook call "
                                            "merges the results)"),
     ("pluggy.HookImpl", "function", "wrapped at registration: an exception becomes a HookError naming the hook"),
@@ -71,6 +73,8 @@ DEEPSPEED_SEAMS = [
         ("partition_gradients", "ZeRO-2 (True) or ZeRO-1 (False)"),
     ]
 ] + [("deepspeed.runtime.utils", "combine_grad_norm_groups", "ZeRO-3's group norms into one"),
+     ("deepspeed.utils", "safe_get_full_grad", "a parameter's whole gradient from the partitions (where.py, "
+                                               "anomalous steps only)"),
      ("deepspeed.runtime.fp16.loss_scaler", "OVERFLOW! Skipping step", "the line DeepSpeed logs for an overflow; "
                                                                          "filtered out for a guard's veto")]
 

@@ -26,6 +26,7 @@ weights it holds are the ones whose loss every guard has just judged finite and 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ import torch
 from stabguard import seams
 from stabguard.engine import Engine, Snapshot, SnapshotLike
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
+from stabguard.where import Where, first_nonfinite_output, group, modules_of
 
 __all__ = ["GuardedStep", "Snapshot", "StepHost", "StepState", "agree_across_ranks", "load_plugin_states",
            "plugin_states"]
@@ -54,6 +56,10 @@ class StepState:
     :ivar loss_scaled: fp16 AMP: a GradScaler is active (inf gradients may be its overflow).
     :ivar verdict: the agreed verdict, set before ``on_step_end``.
     :ivar restored_step: after a ROLLBACK or STOP, the step whose state was restored, else None.
+    :ivar where: on an anomalous step (not PROCEED, or one a guard asked about with ``ask_where()``), a
+        :class:`~stabguard.where.Where`: the modules the grad norm came from, the tensors holding NaN/Inf,
+        the first non-finite output. Set after the agreement, before the update is applied or dropped:
+        read it from ``on_rollback``, ``on_step_end`` or ``on_log`` on. None on healthy steps.
     """
 
     step: int
@@ -66,7 +72,14 @@ class StepState:
     loss_scaled: bool = False
     verdict: Verdict = field(default_factory=Verdict.proceed)
     restored_step: int | None = None
+    where: Where | None = None
+    _where_asked: bool = field(default=False, repr=False)
     _host: dict[str, float] | None = field(default=None, repr=False)
+
+    def ask_where(self) -> None:
+        """From ``pre_step``: have the core work out where this step's gradients came from, on every rank
+        (as it does for every step that does not proceed); ``state.where`` holds it from ``on_step_end``."""
+        self._where_asked = True
 
     def host(self) -> dict[str, float]:
         """``{"grad_norm": float, "loss": float}``; the first call syncs, later calls are free."""
@@ -109,6 +122,9 @@ class StepHost(Protocol):
     def end_training(self) -> None:
         """Make the loop stop after this step."""
 
+    def replay_model(self, model):
+        """``model`` as a forward on this rank alone runs it (unwrapped from DDP), for a replay."""
+
 
 @dataclass
 class Stopped:
@@ -137,11 +153,13 @@ class GuardedStep:
         self.snapshot: SnapshotLike | None = None
         self.since_snapshot: dict[int, list[str]] = {}  # samples of the updates a restore would undo
         self.micro_losses: list[torch.Tensor] = []
+        self.micro_inputs: list[dict] = []  # kept until the step decides: a non-finite loss is replayed
         self.samples: list[str] = []
         # Verdicts that join the next decision: the data hooks' for this step's micro-batches, evaluation
         # data's STOPs, and the failures of hooks that ran after the last agreement.
         self.held: list[Verdict] = []
         self.stopped: Stopped | None = None
+        self.reach_checked = False
 
     # -- what the micro-batches bring -------------------------------------------------------------
 
@@ -169,7 +187,11 @@ class GuardedStep:
         state = StepState(step=host.next_step(), grad_norm=grad_norm, loss=loss, model=model,
                           optimizer=host.optimizer, samples=self.samples,
                           loss_scaled=seams.grad_scaler(host.optimizer) is not None)
-        self.micro_losses, self.samples = [], []
+        micro = list(zip(self.micro_losses, self.micro_inputs))
+        self.micro_losses, self.micro_inputs, self.samples = [], [], []
+        if not self.reach_checked:  # the first step: a trainable tensor without a gradient never trains
+            self.reach_checked = True
+            self._check_reach(engine.missing_gradients(model), state.step)
         if host.max_grad_norm():
             state.clip_to(host.max_grad_norm())
 
@@ -182,8 +204,11 @@ class GuardedStep:
             verdicts.append(self.failed(exc, state.step, state.samples))
         verdict = self._limit_skips(combine(verdicts))
 
-        # Agree: the most severe verdict of any rank, with its reason, on every rank.
-        state.verdict = agree_across_ranks(verdict)
+        # Agree: the most severe verdict of any rank, with its reason, on every rank; and whether to say
+        # where the step broke (every step that does not proceed, and any a guard asked about).
+        state.verdict, asked = agree_across_ranks(verdict, state._where_asked)
+        if asked or state.verdict.action != Action.PROCEED:
+            state.where = self._locate(host, state, engine, micro)
 
         # Apply.
         action = state.verdict.action
@@ -204,6 +229,28 @@ class GuardedStep:
         # Notify (``on_step_end`` fires once the host has applied the step).
         self._record(state)
         return state
+
+    def _locate(self, host: StepHost, state: StepState, engine: Engine, micro: list) -> Where:
+        """Where an anomalous step broke, before its update is applied or dropped (every rank: collectives)."""
+        names, norms = engine.tensor_norms(state.model)
+        where = group(names, norms.tolist())
+        losses = torch.stack([loss.float() for loss, _ in micro]).tolist() if micro else []
+        replay = next((inputs for value, (_, inputs) in zip(losses, micro) if not math.isfinite(value)), None)
+        first = None
+        if replay is not None and engine.replayable(state.model):
+            first = first_nonfinite_output(host.replay_model(state.model), replay)
+        where.first_nonfinite_output = first_across_ranks(first)
+        return where
+
+    def _check_reach(self, missing: list[str], step: int) -> None:
+        """A finding when trainable tensors got no gradient (``p.grad is None``: no sync to ask)."""
+        if not missing:
+            return
+        modules = modules_of(missing)
+        self.events.record("core", "finding", f"{len(missing)} trainable tensors got no gradient at step {step}, "
+                           f"e.g. {', '.join(modules[:3])}: the gradient path is cut before them and they will "
+                           "never train (the loss can still fall); `stabguard check RECIPE --probe` lists them all",
+                           step=step, missing=missing)
 
     def failed(self, exc: HookError, step: int | None, samples: list[str]) -> Verdict:
         """A hook raised on this rank: an error event here, a STOP for everyone at the agreement."""
@@ -261,9 +308,10 @@ class GuardedStep:
         guard_state = snapshot.guard_state if snapshot is not None else plugin_states(self.plugins)
         self.stopped = Stopped(state.step, state.verdict, state.restored_step, guard_state)
         checkpoint = host.save_stopped(state.model)  # its guard state is self.state_dict(): the snapshot's
+        where = {"where": state.where.values()} if state.where is not None else {}
         self.events.record(state.verdict.by, "stop", f"run stopped at {self.stopped.reason}", step=state.step,
                            checkpoint=checkpoint, verified=snapshot is not None, restored_step=state.restored_step,
-                           reason=state.verdict.reason, error=state.verdict.error)
+                           reason=state.verdict.reason, error=state.verdict.error, **where)
         host.end_training()
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -287,11 +335,13 @@ class GuardedStep:
 
     def _record(self, state: StepState) -> None:
         verdict, who = state.verdict, state.verdict.by
+        where = {"where": state.where.values()} if state.where is not None else {}
+        said = f" [where: {state.where.brief()}]" if state.where is not None and state.where.brief() else ""
         if verdict.action == Action.SKIP:
             self.skipped_steps += 1
-            self.events.record(who, "skip", f"step {state.step} skipped: {verdict.reason}", step=state.step,
+            self.events.record(who, "skip", f"step {state.step} skipped: {verdict.reason}{said}", step=state.step,
                                skipped_steps=self.skipped_steps, reason=verdict.reason, step_samples=state.samples,
-                               **state.host())
+                               **state.host(), **where)
         elif verdict.action == Action.ROLLBACK:
             undone, self.since_snapshot = self.since_snapshot, {}
             if state.restored_step is None:
@@ -300,27 +350,39 @@ class GuardedStep:
                 message = (f"step {state.step}: restored the state after step {state.restored_step}; skipped "
                            f"{len(state.samples)} sample(s) of this step, undid {len(undone)} step(s) "
                            f"({verdict.reason})")
-            self.events.record(who, "rollback", message, step=state.step, restored_step=state.restored_step,
+            self.events.record(who, "rollback", message + said, step=state.step, restored_step=state.restored_step,
                                reason=verdict.reason, skipped_samples=state.samples, undone_samples=undone,
-                               rollbacks=self.rollbacks, **state.host())
+                               rollbacks=self.rollbacks, **state.host(), **where)
             self.events.alert(who, f"rolled back to the state after step {state.restored_step} at step {state.step}"
                               if state.restored_step is not None else message, step=state.step)
 
 
-def agree_across_ranks(verdict: Verdict) -> Verdict:
-    """The most severe verdict of any rank, on every rank (a no-op outside distributed runs)."""
+def agree_across_ranks(verdict: Verdict, asked: bool = False) -> tuple[Verdict, bool]:
+    """The most severe verdict of any rank, on every rank, and whether any rank asked where the step broke:
+    one all-reduce (a no-op outside distributed runs)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return verdict
+        return verdict, asked
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    worst = torch.tensor([int(verdict.action)], device=device)
+    worst = torch.tensor([int(verdict.action), int(asked)], device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if int(worst.item()) == Action.PROCEED:
-        return verdict
+    action, asked = worst.tolist()
+    if action == Action.PROCEED:
+        return verdict, bool(asked)
     # Rare path (a skip or a stop somewhere): gather every rank's reason so all ranks log the same one.
     everyone: list[Verdict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, verdict)
-    return merge_ranks(everyone)
+    return merge_ranks(everyone), bool(asked)
+
+
+def first_across_ranks(name: str | None) -> str | None:
+    """The first rank's answer that is not None, on every rank (anomalous steps only: one collective)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return name
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, name)
+    return next((n for n in everyone if n is not None), None)
 
 
 def merge_ranks(everyone: list[Verdict]) -> Verdict:

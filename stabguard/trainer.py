@@ -224,6 +224,7 @@ class GuardedTrainer:
         if not self.guarded.micro_losses and seams.loss_sum(self) is not None:
             self._loss_at_step_start = seams.loss_sum(self).detach().clone()
         self.guarded.add_micro_batch(samples, verdict)
+        self.guarded.micro_inputs.append(inputs)  # a non-finite loss is replayed from it (where it broke)
         if self.is_deepspeed_enabled:  # the step runs inside backward: the engine wrapper adds the loss
             self._guard_deepspeed_engine()
             return super().training_step(model, inputs, num_items_in_batch)
@@ -411,6 +412,9 @@ class _TrainerHost:
 
     def end_training(self) -> None:
         self.trainer.control.should_training_stop = True
+
+    def replay_model(self, model):
+        return self.trainer.accelerator.unwrap_model(model)
 
 
 def plugins_for(guards: dict | None, modules=(), where: str = ""):

@@ -87,6 +87,25 @@ class ZeroEngine:
     def snapshot(self, step: int, model, optimizer, offload: bool, guard_state) -> ZeroSnapshot:
         return ZeroSnapshot(step, self.optimizer, self.stage, offload, guard_state)
 
+    def tensor_norms(self, model) -> tuple[list[str], torch.Tensor]:
+        """Each trainable parameter's gradient norm, gathered from the ZeRO partitions with DeepSpeed's
+        ``safe_get_full_grad`` (a collective per parameter: anomalous steps only, every rank together)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        norms = []
+        for _, p in named:
+            grad = safe_get_full_grad(p)
+            norms.append(torch.zeros(()) if grad is None else torch.linalg.vector_norm(grad.float()).cpu())
+        scale = float(self.optimizer.loss_scale)  # fp16: the partitions hold scaled gradients
+        return [n for n, _ in named], torch.stack(norms) / scale if norms else torch.zeros(0)
+
+    def replayable(self, model) -> bool:
+        return self.stage < 3  # ZeRO-3: a forward gathers every rank's partitions
+
+    def missing_gradients(self, model) -> list[str]:
+        return []  # the gradients live in DeepSpeed's partitions, never in p.grad
+
     # -- the engine's step -------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -29,8 +29,8 @@ def pytest_report_header(config):
     selected = config.getoption("markexpr") or ""
     if "engines" in selected and "not engines" not in selected:
         return ["stabguard: the engine tests (DeepSpeed ZeRO-1/2/3, FSDP2, DDP under torchrun, 2 CPU ranks each): "
-                "about 8 min on 2 cores, plus 2-5 min once per environment to build DeepSpeed's CPU ops"]
-    return ["stabguard: the default suite, about 6 min on 2 idle cores (more under load); the engine tests "
+                "about 15 min on 2 cores, plus 2-5 min once per environment to build DeepSpeed's CPU ops"]
+    return ["stabguard: the default suite, about 5 min on 2 idle cores (more under load); the engine tests "
             "(DeepSpeed, FSDP2, torchrun) are deselected here: tox -e engines, or pytest -m engines"]
 
 

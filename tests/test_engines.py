@@ -50,6 +50,11 @@ def test_faults_on_one_rank_are_decided_alike_and_leave_no_trace(request, tmp_pa
         assert d["2"] == d["1"] and d["4"] == d["3"], "a skip changes no weight and no optimizer state"
         assert d["7"] == d["5"] != d["6"], "the rollback restores this rank's part of the step-5 state, bit for bit"
         assert lrs["3"] == lrs["2"] and lrs["5"] == lrs["4"] and lrs["8"] == lrs["7"], "a dropped step holds the LR"
+    # Where step 2 broke: the NaN entered at the first LoRA B output, so the NaN/Inf gradients are that
+    # module's (its lora_B and lora_A): the same answer on every rank, from the global per-tensor norms.
+    said = {r["rank"]: next(e[3] for e in r["events"] if e[0] == "skip" and e[2] == 2) for r in reports}
+    assert len(set(said.values())) == 1, f"the ranks disagree on where: {said}"
+    assert "[where: NaN/Inf gradients in language_model.layers.0.self_attn.q_proj (2)" in said[0]
     if kind == "ddp":
         assert all(r["digests"] == first["digests"] for r in reports), "replicas stay bit-identical"
     else:

@@ -36,8 +36,9 @@ def test_a_run_nan_from_step_1_points_at_files_and_data_first(tmp_path, tiny_ass
     hints = hints_for(tmp_path / "out", next(line.removeprefix("stabguard: STOPPED at ") for line in
                                               result.output.splitlines() if line.startswith("stabguard: STOPPED at ")))
     assert printed == hints
-    assert [h.split(":")[0] for h in hints] == ["model files", "data", "learning rate", "clipping", "batch size"]
+    assert [h.split(":")[0] for h in hints] == ["where", "model files", "data", "learning rate", "clipping", "batch size"]
     topic = by_topic(hints)
+    assert "NaN/Inf gradients start in language_model.layers.0.self_attn.q_proj" in topic["where"]
     assert "non-finite already at step 1, before any update" in topic["model files"]
     assert "step 1 was the first non-finite step (non-finite gradients" in topic["data"]
     assert "learning_rate = 0.001" in topic["learning rate"] and "learning_rate = 0.0005" in topic["learning rate"]
@@ -61,8 +62,9 @@ def test_an_exploding_run_points_at_lr_and_clipping_with_its_peak(tmp_path, tiny
     history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     peak = max(e["grad_norm"] for e in history if "grad_norm" in e)
     hints = hints_for(result.output_dir, result.stop_reason)
-    assert [h.split(":")[0] for h in hints] == ["data", "learning rate", "clipping", "batch size", "model files"]
+    assert [h.split(":")[0] for h in hints] == ["where", "data", "learning rate", "clipping", "batch size", "model files"]
     topic = by_topic(hints)
+    assert "came from lora_B of language_model.layers.0.self_attn.q_proj alone: a single bad sample?" in topic["where"]
     assert f"peaked at {num(peak)} at step 3" in topic["clipping"] and "max_grad_norm = 0.1" in topic["clipping"]
     assert "no sample was flagged before step 3" in topic["data"]
     assert "already 1 per device" in topic["batch size"]

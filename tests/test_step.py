@@ -226,6 +226,16 @@ class FakeEngine:
         self.snapshots.append(FakeSnapshot(step, guard_state))
         return self.snapshots[-1]
 
+    def tensor_norms(self, model):
+        self.calls.append(("tensor_norms",))
+        return ["m.layers.0.q.lora_A.default.weight", "m.layers.0.q.lora_B.default.weight"], torch.tensor([0.3, 0.4])
+
+    def replayable(self, model):
+        return False
+
+    def missing_gradients(self, model):
+        return []
+
 
 class FakeHost:
     optimizer = None
@@ -248,6 +258,9 @@ class FakeHost:
 
     def end_training(self):
         self.ended = True
+
+    def replay_model(self, model):
+        return model
 
 
 class Says:
@@ -297,11 +310,34 @@ def test_proceed_snapshots_when_due_clips_and_updates():
 
 def test_skip_drops_the_update_and_is_counted_and_recorded():
     step, host, engine, states, events, _ = run_steps({2: lambda: Verdict.skip("bad", "g")}, 3)
-    assert [c for c in engine.calls if c[0] != "clip"] == [("proceed",), ("drop",), ("proceed",)]
+    assert [c for c in engine.calls if c[0] != "clip"] == [("proceed",), ("tensor_norms",), ("drop",), ("proceed",)]
     assert step.skipped_steps == 1 and step.rollbacks == 0 and len(engine.snapshots) == 2
     (skip,) = events.of_kind("skip")
     assert skip["guard"] == "g" and skip["step"] == 2 and skip["values"]["step_samples"] == ["s2"]
     assert skip["values"]["loss"] == 1.0 and skip["values"]["grad_norm"] == 0.5
+    assert skip["values"]["where"]["modules"][0] == ["m.layers.0.q", "lora_B", 0.64], "where the norm came from"
+    assert skip["message"].endswith("[where: m.layers.0.q (lora_B) 64%, m.layers.0.q (lora_A) 36%]")
+    assert engine.calls.count(("tensor_norms",)) == 1, "healthy steps gather nothing; the skip, before its drop"
+
+
+def test_a_guard_can_ask_where_a_step_that_proceeds_came_from():
+    class Asks:
+        @hookimpl
+        def pre_step(self, state):
+            if state.step == 2:
+                state.ask_where()
+
+    from stabguard.events import EventLog
+    from stabguard.step import GuardedStep
+
+    step = GuardedStep(guard_plugins(Asks(), guards=()), EventLog())
+    host, engine, states = FakeHost(), FakeEngine(), []
+    for _ in range(3):
+        step.micro_losses = [torch.tensor(1.0)]
+        states.append(step.run(host, None, engine))
+        host.step += 1
+    assert [s.where is not None for s in states] == [False, True, False]
+    assert states[1].where.modules[0][:2] == ("m.layers.0.q", "lora_B") and states[1].verdict.action == Action.PROCEED
 
 
 def test_rollback_restores_the_verified_snapshot_and_names_the_undone_samples():

@@ -100,10 +100,13 @@ def test_nan_gradient_is_skipped_and_weights_stay_finite(tmp_path, tiny_assets):
 
 
 def test_one_norm_pass_per_optimizer_step(tmp_path, tiny_assets, monkeypatch):
+    import stabguard.engine
+
     calls = []
-    real = torch.nn.utils.get_total_norm
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("second norm pass"))
+    real = stabguard.engine.grad_norms
+    monkeypatch.setattr(stabguard.engine, "grad_norms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("a second norm pass"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("a second norm pass"))
     result = run_tiny(tmp_path, tiny_assets, training={"max_steps": 3, "gradient_accumulation_steps": 2})
     assert result.ok and len(calls) == 3
 

@@ -29,8 +29,10 @@ from stabguard.diagnosis import (
     grad_norms,
     losses,
     num,
+    where_events,
 )
 from stabguard.trainer_state import RunState, TrainerStateError, TrainerStateReader
+from stabguard.where import Where
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_NO_STATE = 0, 1, 2
 SPARK = "▁▂▃▄▅▆▇█"
@@ -131,6 +133,11 @@ def event_rows(run: RunState, last: int = 3) -> list[Row]:
     rows.append(Row("alerts", ", ".join(counts) or "none", "warn" if alerts else "ok"))
     rows += [Row("", f"step {e.get('step')}: [{e.get('guard')}] {brief(e.get('message', ''))}", "warn")
              for e in alerts[-last:]]
+    located = where_events(run)
+    if located:
+        latest = located[-1]
+        rows.append(Row("where", f"step {latest.get('step')}: {Where.from_values(latest['values']['where']).brief()}",
+                        "warn"))
     return rows
 
 

@@ -18,6 +18,7 @@ from stabguard import metrics
 from stabguard.diagnosis import (
     FINE_BELOW,
     Diagnosis,
+    WhereGrid,
     alert_threshold,
     clip_value,
     diagnose,
@@ -25,6 +26,7 @@ from stabguard.diagnosis import (
     dropped_text,
     grad_norms,
     losses,
+    where_grid,
 )
 from stabguard.trainer_state import RunState, TrainerStateError, as_float, load_run
 
@@ -158,6 +160,28 @@ def rejected_losses(run: RunState) -> list[tuple[int, float]]:
     return [(s, v) for s, v in points if v is not None and math.isfinite(v)]
 
 
+def plot_where(ax, grid: WhereGrid) -> None:
+    """Where the anomalous steps broke: a heat map, one row per module, one column per step, the cell's
+    shade the module's share of that step's squared grad norm; red cells hold NaN/Inf gradients."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    shares = np.array(grid.shares)
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    bad = np.array([[1.0 if n else np.nan for n in row] for row in grid.nonfinite])
+    ax.imshow(bad, cmap=ListedColormap([COLORS["trouble"]]), vmin=0, vmax=1, aspect="auto")
+    for r, row in enumerate(shares):
+        for c, value in enumerate(row):
+            count = grid.nonfinite[r][c]
+            text = f"{count} NaN/Inf" if count else (f"{value:.0%}" if value >= 0.005 else "")
+            ax.text(c, r, text, ha="center", va="center", fontsize=8,
+                    color="white" if count or value > 0.6 else "black")
+    ax.set_yticks(range(len(grid.rows)), grid.rows, fontsize=8)
+    ax.set_xticks(range(len(grid.columns)), [f"step {s}\n{kind}" for s, kind in grid.columns], fontsize=8)
+    ax.set_title("where: each anomalous step's share of the squared grad norm by module (red: NaN/Inf gradients)",
+                 fontsize=10, loc="left")
+
+
 def draw(run: RunState, *, clip: float | None = None, alert: float | None = None):
     """The report as a matplotlib figure (Agg, no display needed) and the diagnosis written beside it."""
     from matplotlib.figure import Figure
@@ -166,8 +190,10 @@ def draw(run: RunState, *, clip: float | None = None, alert: float | None = None
     diagnosis = diagnose(run)
     clip = clip if clip is not None else clip_value(run)
     alert = alert if alert is not None else alert_threshold(run)
-    fig = Figure(figsize=(15, 9), layout="constrained")
-    grid = fig.add_gridspec(3, 2, width_ratios=[2.4, 1], height_ratios=[1.1, 1.3, 0.8])
+    where = where_grid(run)
+    rows = [1.1, 1.3, 0.8] + ([0.9] if where else [])
+    fig = Figure(figsize=(15, 9 + 2.5 * bool(where)), layout="constrained")
+    grid = fig.add_gridspec(len(rows), 2, width_ratios=[2.4, 1], height_ratios=rows)
     ax_loss = fig.add_subplot(grid[0, 0])
     ax_grad = fig.add_subplot(grid[1, 0], sharex=ax_loss)
     ax_lr = fig.add_subplot(grid[2, 0], sharex=ax_loss)
@@ -192,6 +218,8 @@ def draw(run: RunState, *, clip: float | None = None, alert: float | None = None
     if not run.history:
         ax_loss.text(0.5, 0.5, "no training log lines yet", transform=ax_loss.transAxes, ha="center", color="gray")
     write_diagnosis(fig.add_subplot(grid[:, 1]), run, diagnosis, clip, alert)
+    if where:
+        plot_where(fig.add_subplot(grid[3, 0]), where)
     fig.suptitle(f"stabguard report: {run.output_dir}", fontsize=13, x=0.01, ha="left")
     return fig, diagnosis
 

@@ -54,7 +54,7 @@ class GradFault:
             next(p for n, p in model.named_parameters() if self.param in n).register_hook(self.corrupt)
 
     def _on_output(self, module, args, out):
-        if module.training:
+        if module.training and out.requires_grad:
             out.register_hook(self.corrupt)
 
     def corrupt(self, grad):

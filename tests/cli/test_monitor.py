@@ -161,3 +161,16 @@ def test_after_a_resume_the_monitor_follows_the_new_run(tmp_path, stopped_run, t
         assert earlier.exit_code == EXIT_UNHEALTHY and rows(earlier.output)["status"] == "TROUBLE"
     unknown = CliRunner().invoke(command, [str(tmp_path / "out"), "--once", "--run", "nosuch"])
     assert unknown.exit_code == EXIT_NO_STATE and "run 'nosuch' not found; runs in this log:" in unknown.output
+
+
+def test_the_last_step_that_said_where_it_broke_is_a_row(tmp_path):
+    from support_runs import write_events
+
+    from stabguard.cli.monitor import event_rows
+    from stabguard.trainer_state import load_run
+
+    write_hf_run(tmp_path, spiky_history())
+    where = {"modules": [["language_model.layers.2.mlp.up_proj", "lora_B", 0.97]], "nonfinite": {}, "layers": {}}
+    write_events(tmp_path, [("grad_norm", "alert", 40, "grad norm high", {"where": where})])
+    (row,) = [r for r in event_rows(load_run(tmp_path)) if r.label == "where"]
+    assert (row.text, row.severity) == ("step 40: language_model.layers.2.mlp.up_proj (lora_B) 97%", "warn")

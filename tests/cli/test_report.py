@@ -127,3 +127,32 @@ def test_adaptive_clip_threshold_is_drawn(tmp_path):
     fig, _ = draw(load_run(tmp_path))
     [line] = [l for l in fig.axes[1].get_lines() if l.get_label() == "adaptive clip"]
     assert list(line.get_xdata()) == [l["step"] for l in history[10:]] and set(line.get_ydata()) == {0.8}
+
+
+def where_values(modules, nonfinite=None, first=None) -> dict:
+    return {"where": {"modules": modules, "nonfinite": nonfinite or {}, "first_nonfinite_output": first, "layers": {}}}
+
+
+def test_the_where_panel_shows_each_anomalous_steps_modules(tmp_path):
+    write_hf_run(tmp_path, stabguard_history(nan_steps=(150,)))
+    q, v = "language_model.layers.3.self_attn.q_proj", "language_model.layers.0.mlp.down_proj"
+    write_events(tmp_path, [
+        ("nonfinite", "skip", 150, "skipped", where_values([[v, "lora_B", 1.0]], nonfinite={q: 2})),
+        ("grad_norm", "alert", 120, "grad norm high", where_values([[v, "lora_B", 0.9], [q, "lora_A", 0.1]])),
+        ("spike", "alert", 200, "rolled back", {}),  # says nothing about where: no column
+    ])
+    fig, _ = draw(load_run(tmp_path))
+    panel = fig.axes[-1]
+    assert panel.get_title(loc="left").startswith("where:")
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["step 120\nalert", "step 150\nskip"]
+    rows = [t.get_text() for t in panel.get_yticklabels()]
+    assert rows[0] == q, "NaN/Inf gradients lead the rows"
+    assert rows[1] == f"{v} (lora_B)" and f"{q} (lora_A)" in rows
+    cells = {t.get_text() for t in panel.texts}
+    assert {"2 NaN/Inf", "90%", "100%", "10%"} <= cells
+
+
+def test_no_where_panel_for_a_run_that_never_said_where(tmp_path):
+    write_hf_run(tmp_path, spiky_history())
+    fig, _ = draw(load_run(tmp_path))
+    assert len(fig.axes) == 4 and not fig.axes[-1].get_title(loc="left").startswith("where")

@@ -34,7 +34,7 @@ def one_step(guard, events, step, norm, state_cls=StepState, max_norm=None, verd
         state.clip_to(max_norm)
     guard.pre_step(state=state, events=events)
     state.verdict = verdict or Verdict.proceed()
-    guard.on_step_end(state=state)
+    guard.on_step_end(state=state, events=events)
     return state
 
 
@@ -169,8 +169,11 @@ def logged(result) -> dict[int, dict]:
 
 def test_gradient_scaled_by_1e6_alerts_and_is_clipped_with_one_norm_pass(tmp_path, tiny_assets, monkeypatch):
     passes = []
-    real = torch.nn.utils.get_total_norm
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: passes.append(1) or real(*a, **k))
+    import stabguard.engine
+
+    real = stabguard.engine.grad_norms
+    monkeypatch.setattr(stabguard.engine, "grad_norms", lambda *a, **k: passes.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("second norm pass"))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("second norm pass"))
     applied, probe = AppliedNorm(), StepProbe()
     result, _ = run_guarded(tmp_path, tiny_assets, GradFault(at={3}, scale=1e6), applied, probe,
