@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from stabguard import GuardError, GuardOptions, Verdict, hookimpl
+from stabguard.where import module_of
 
 NAME = "vision_freeze"
 TOWER_ATTRIBUTES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_tower")
@@ -226,6 +227,22 @@ class VisionFreezeGuard:
                    leaks=len(leaks))
         else:
             report("ok", f"{type(optimizer).__name__}: no vision-tower parameter in its groups", check="optimizer")
+
+    @hookimpl
+    def probe(self, model, report):
+        """``stabguard check --probe``: after a real backward, no gradient anywhere in the frozen region
+        (a later ``setup_model`` or a user's script can make it trainable again)."""
+        layout = find_layout(model)
+        frozen_region, exempt = layout.frozen_prefixes(self.options.train_projector)
+        leaks = [n for n, p in model.named_parameters()
+                 if under(n, frozen_region) and not under(n, exempt) and p.grad is not None and bool(p.grad.any())]
+        if leaks:
+            report("error", f"gradients reached {len(leaks)} parameters of the frozen {layout.tower} (e.g. "
+                   f"{leaks[0]}): something made them trainable after this guard froze them", check="probe: gradients",
+                   details=leaks[:5], leaks=len(leaks))
+        else:
+            region = ", ".join(module_of(prefix + ".weight")[0] for prefix in frozen_region)
+            report("ok", f"no gradient reached the frozen {region}", check="probe: gradients")
 
     @hookimpl
     def pre_step(self, state):

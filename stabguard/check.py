@@ -234,8 +234,17 @@ LEVELS = ("ok", "info", "warn", "error")
 def check_guards_preflight(recipe, model, processor, optimizer, plugins, report: Report, events: EventLog) -> None:
     """Each guard's own findings (the ``preflight`` hook); a finding with a ``table`` value under
     "parameters" is the parameter table of ``--json``."""
+    guard_findings(plugins, "preflight", report, events, recipe=recipe, model=model, processor=processor,
+                   optimizer=optimizer)
+    tables = [f.values["table"] for f in report.findings if f.check == "parameters" and "table" in f.values]
+    report.parameters = tables[0] if tables else None
+
+
+def guard_findings(plugins, hook: str, report: Report, events: EventLog, **kwargs) -> None:
+    """Call each guard's ``hook`` (``preflight``, ``probe``) with a ``report`` function of its own; a crash
+    is an error finding of that guard and the others still run; what they recorded as events follows."""
     start = len(events.events)
-    for impl in reversed(plugins.hook.preflight.get_hookimpls()):
+    for impl in reversed(getattr(plugins.hook, hook).get_hookimpls()):
         guard = impl.plugin_name.removeprefix("guard:")
 
         def add(level, message, *, check=None, details=(), _guard=guard, **values):
@@ -243,17 +252,14 @@ def check_guards_preflight(recipe, model, processor, optimizer, plugins, report:
                 raise ValueError(f"report level {level!r} is not one of {', '.join(LEVELS)}")
             report.add(check or _guard, level, str(message), [str(d) for d in details], guard=_guard, values=values)
 
-        kwargs = {"recipe": recipe, "model": model, "processor": processor, "optimizer": optimizer,
-                  "report": add, "events": events}
+        given = {**kwargs, "report": add, "events": events}
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                impl.function(**{arg: given[arg] for arg in impl.argnames})
         except Exception as exc:  # noqa: BLE001 - a plugin's crash is a finding, not the end of the check
             cause = getattr(exc, "cause", exc)
-            report.add(guard, "error", f"{guard}: preflight failed: {type(cause).__name__}: {cause}", guard=guard)
+            report.add(guard, "error", f"{guard}: {hook} failed: {type(cause).__name__}: {cause}", guard=guard)
     report_events(events, start, "guards", report)
-    tables = [f.values["table"] for f in report.findings if f.check == "parameters" and "table" in f.values]
-    report.parameters = tables[0] if tables else None
 
 
 # -- label masks of a sample batch -----------------------------------------------------------------
@@ -367,9 +373,12 @@ def _deepspeed_of_invalid_recipe(recipe_path, report: Report) -> None:
 # -- the whole preflight ---------------------------------------------------------------------------
 
 def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64, images: int = 32,
-              batch: int = 4, plugins=None, progress: ProgressFn | None = None, world_size: int = 1) -> Report:
+              batch: int = 4, plugins=None, progress: ProgressFn | None = None, world_size: int = 1,
+              probe_batches: int = 0) -> Report:
     """Every check of a recipe; read the result from ``report.findings`` (errors make ``stabguard check`` fail).
-    ``progress(what, done, total)`` follows the reading of the data files, the long part on a large set."""
+    ``progress(what, done, total)`` follows the reading of the data files, the long part on a large set.
+    ``probe_batches > 0``: then load the model as the run would and probe that many real batches
+    (``stabguard.probe``), unless the model files or the data already failed."""
     from stabguard.runner import prepare
 
     report = Report(str(recipe_path))
@@ -390,7 +399,32 @@ def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64,
     local = check_model_files(recipe, report)
     data_ok = check_data(recipe, report, rows, images, progress)
     _model_checks(recipe, plugins, local, data_ok, report, events, gpu_mem, batch, progress, world_size)
+    if probe_batches:
+        _probe(recipe, plugins, local, data_ok, report, probe_batches, progress)
     return report
+
+
+def _probe(recipe, plugins, local, data_ok, report, batches, progress) -> None:
+    import sys
+    import tempfile
+
+    from stabguard.probe import probe
+
+    if not (local and data_ok):
+        report.add("probe", "info", "not run: " + ("the model is not a local folder" if not local else
+                                                    "the data has errors (see data)"))
+        return
+    if progress:
+        progress("probe: loading the model and running the first batches", 0, 1)
+    events = EventLog()
+    with tempfile.TemporaryDirectory(prefix="stabguard-probe-") as scratch, \
+            contextlib.redirect_stdout(sys.stderr):  # stdout stays the report's (--json)
+        try:
+            probe(recipe, plugins, report, events, batches=batches, output_dir=scratch)
+        except Exception as exc:  # noqa: BLE001 - a probe that cannot run is a finding, the check's report stands
+            report.add("probe", "error", f"the probe could not run the model: {type(exc).__name__}: {exc}")
+    if progress:
+        progress("probe: loading the model and running the first batches", 1, 1)
 
 
 def _ensure_assets(recipe) -> None:

@@ -129,6 +129,26 @@ def preflight(recipe: Recipe, model: torch.nn.Module, processor: Any, optimizer:
     """
 
 
+@hookspec
+def probe(recipe: Recipe, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+          report: Callable[..., None], events: EventLog) -> None:
+    """``stabguard check --probe`` asks each guard what one real forward and backward showed.
+
+    Fires once per probe, after the model was loaded and set up exactly as ``stabguard run`` does and the
+    recipe's first batches ran forward and backward with no optimizer step: each trainable parameter's
+    gradient is in ``p.grad``. Never fires during ``stabguard run``.
+
+    :param recipe: the validated recipe.
+    :param model: the model as the run trains it (PEFT-wrapped, on its device), gradients filled.
+    :param batches: the probed batches, collated and on the model's device (keys starting with
+        ``stabguard_`` are the core's, not the model's).
+    :param report: as in ``preflight``: ``report(level, message, *, check=None, details=(), **values)``.
+    :param events: an in-memory event log (alerts recorded here are shown as warnings).
+    :return: ignored; every implementation is called. An exception is reported as an error finding of
+        this plugin and the other checks still run.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Data (per micro-batch: pre_collate where the loader collates, post_collate in the main process)
 # ---------------------------------------------------------------------------------------------

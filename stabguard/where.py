@@ -133,7 +133,7 @@ def first_nonfinite_output(model, inputs: dict) -> str | None:
 
     def hook(name):
         def check(module, args, output):
-            if not found and any(not torch.isfinite(t).all() for t in _tensors(output)):
+            if not found and any(not torch.isfinite(t).all() for t in float_tensors(output)):
                 found.append(_label(*module_of(name + ".weight")) if name else type(module).__name__)
         return check
 
@@ -154,13 +154,14 @@ def _label(module: str, part: str) -> str:
     return module if part == "weight" else f"{module} ({part})"
 
 
-def _tensors(output) -> list:
+def float_tensors(output) -> list:
+    """The floating-point tensors in a module's output (a tensor, a tuple, a ModelOutput)."""
     import torch
 
     if torch.is_tensor(output):
         return [output] if output.is_floating_point() else []
     if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _tensors(o)]
+        return [t for o in output for t in float_tensors(o)]
     if hasattr(output, "values") and callable(output.values):  # ModelOutput and dicts
-        return [t for o in output.values() for t in _tensors(o)]
+        return [t for o in output.values() for t in float_tensors(o)]
     return []

@@ -1,4 +1,5 @@
-"""``stabguard check RECIPE [--gpu-mem 80] [--world-size 8] [--json]``: every preflight, no training.
+"""``stabguard check RECIPE [--gpu-mem 80] [--world-size 8] [--probe [--batches 2]] [--json]``: every
+preflight, no training; ``--probe`` also runs the first batches forward and backward (``stabguard.probe``).
 
 Exit codes: 0 when nothing is wrong (warnings allowed), 1 on any error, 2 when the recipe itself is
 invalid (as ``stabguard validate``).
@@ -37,14 +38,19 @@ def render(report) -> str:
 @click.option("--images", type=click.IntRange(min=0), default=32, show_default=True, help="images decoded per file")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
               help="conversations collated for the label-mask audit")
-def command(recipe, gpu_mem, world_size, as_json, rows, images, batch):
+@click.option("--probe", "probe", is_flag=True,
+              help="also load the model as the run will and run the first batches forward and backward: "
+                   "gradients that reach nothing, fp16 headroom, accumulation scaling, pixel range, known-bad stacks")
+@click.option("--batches", type=click.IntRange(min=1), default=2, show_default=True,
+              help="batches the probe runs (2 or more for the accumulation check)")
+def command(recipe, gpu_mem, world_size, as_json, rows, images, batch, probe, batches):
     """Check a recipe before spending GPU hours: model files, data, label masks, parameters, memory, LR."""
     from stabguard.check import preflight
     from stabguard.progress import command_progress
 
     with command_progress("the check did not finish") as progress:
         report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch, progress=progress,
-                           world_size=world_size)
+                           world_size=world_size, probe_batches=batches if probe else 0)
     click.echo(json.dumps(report.as_json(), indent=1) if as_json else render(report))
     if report.recipe_invalid:
         raise SystemExit(EXIT_RECIPE)

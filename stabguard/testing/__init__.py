@@ -9,6 +9,9 @@ model and data, built once per session) and ``run_guard`` (:func:`run_guard` bou
         run = run_guard(my_guard, steps=4, faults={"loss_spike_at": [3]})
         assert run.steps("SKIP") == [3]
 
+:func:`run_probe` runs ``stabguard check --probe`` on a recipe with the plugin under test, for a guard
+that adds its own probe findings (the ``probe`` hook).
+
 Hypothesis strategies for Qwen-style conversations are in :mod:`stabguard.testing.strategies`.
 """
 
@@ -16,10 +19,10 @@ from __future__ import annotations
 
 from stabguard.testing.probes import GradFault, LossFault, PoisonBatch, StepProbe, StopAt, same_state, trainable_state
 from stabguard.testing.recipes import build_tiny_assets, tiny_recipe, toml_dumps, toml_value, write_recipe
-from stabguard.testing.runs import GuardRun, guard_plugins, run_guard
+from stabguard.testing.runs import GuardRun, guard_plugins, run_guard, run_probe
 
 __all__ = [
     "GradFault", "GuardRun", "LossFault", "PoisonBatch", "StepProbe", "StopAt", "build_tiny_assets",
-    "guard_plugins", "run_guard", "same_state", "tiny_recipe", "toml_dumps", "toml_value", "trainable_state",
+    "guard_plugins", "run_guard", "run_probe", "same_state", "tiny_recipe", "toml_dumps", "toml_value", "trainable_state",
     "write_recipe",
 ]

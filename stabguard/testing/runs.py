@@ -110,3 +110,14 @@ def run_guard(guard: str | ModuleType | Any = None, *, tmp_path: str | Path, ass
     events = read_events(result.output_dir / "events.jsonl")
     return GuardRun(result, [e for e in events if e.get("run") == result.run_id], dict(probe.verdicts),
                     dict(probe.reasons), dict(probe.losses), weights, plugins)
+
+
+def run_probe(recipe_path: str | Path, *test_plugins: Any, guards: tuple[str, ...] = (), under_test: Any = None,
+              batches: int = 2):
+    """``stabguard check RECIPE --probe`` with only the named guards, the plugin under test (its ``probe``
+    hook) and the test plugins (a ``setup_model`` that breaks the model makes a fault); returns the check's
+    :class:`~stabguard.check.Report`: ``[f for f in report.findings if f.check.startswith("probe")]``."""
+    from stabguard.check import preflight
+
+    plugins = guard_plugins(*test_plugins, guards=guards, under_test=under_test)
+    return preflight(recipe_path, plugins=plugins, probe_batches=batches)
