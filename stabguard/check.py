@@ -410,9 +410,17 @@ def _probe(recipe, plugins, local, data_ok, report, batches, progress) -> None:
 
     from stabguard.probe import probe
 
-    if not (local and data_ok):
-        report.add("probe", "info", "not run: " + ("the model is not a local folder" if not local else
-                                                    "the data has errors (see data)"))
+    import os
+
+    from stabguard.engine_check import engine_spec
+
+    engine = engine_spec(recipe.training).kind
+    why = ("the model is not a local folder" if not local else "the data has errors (see data)" if not data_ok else
+           f"it runs one process, and a {engine} recipe needs its ranks (probe it with the engine off)"
+           if engine != "single/ddp" else "it runs one process, not one per rank (run it without torchrun)"
+           if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    if why:
+        report.add("probe", "warn" if local and data_ok else "info", f"not run: {why}")
         return
     if progress:
         progress("probe: loading the model and running the first batches", 0, 1)

@@ -18,7 +18,8 @@ hooks, the data collator), takes the first K batches of the training data and, w
 6. times the step, and on a GPU measures its peak memory.
 
 Guards add their own findings through the ``probe`` hook (``vision_freeze``: no gradient reached the
-frozen tower). Single process: under ``torchrun`` each rank would probe its own shard (not done yet).
+frozen tower). One process: FSDP2 and DeepSpeed recipes and checks under ``torchrun`` are not probed yet
+(``stabguard check`` says so); probe such a recipe with its engine off.
 """
 
 from __future__ import annotations

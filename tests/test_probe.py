@@ -178,3 +178,11 @@ def test_the_check_command_probes_and_prints_json(tmp_path, tiny_assets):
     report = json.loads(result.output[result.output.index("{"):])
     step = next(f for f in report["findings"] if f["check"] == "probe: step")
     assert step["values"]["seconds"] > 0 and step["values"]["peak_bytes"] is None
+
+
+def test_a_sharded_recipe_is_not_probed_in_one_process_and_says_so(tmp_path, tiny_assets):
+    recipe = recipe_for(tmp_path, tiny_assets, training={"deepspeed": {"zero_optimization": {"stage": 2}}})
+    report = run_probe(recipe, guards=GUARDS)
+    (said,) = [f for f in probe_findings(report) if f.check == "probe"]
+    assert said.level == "warn" and "a deepspeed recipe needs its ranks" in said.message
+    assert not [f for f in probe_findings(report) if f.check.startswith("probe: ")], "nothing else was run"
