@@ -202,6 +202,7 @@ def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str 
     and add what they show to ``report`` (findings under "probe: ..."), then the guards' ``probe`` hooks."""
     import transformers
 
+    from stabguard.check import guard_findings
     from stabguard.runner import build_trainer, run_arguments
 
     arguments = run_arguments(recipe)
@@ -218,8 +219,9 @@ def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str 
     check_accumulation(trainer, model, inputs, report)
     gradients, peaks, seconds, peak_bytes = forward_backward(trainer, model, inputs)
     report_gradients(gradients, report)
-    report_activations(peaks, stack_facts(recipe, model)["precision"], report)
-    for level, message, details in stack_findings(stack_facts(recipe, model)):
+    facts = stack_facts(recipe, model)
+    report_activations(peaks, facts["precision"], report)
+    for level, message, details in stack_findings(facts):
         report.add("probe: stack", level, message, details)
     if not any(f.check == "probe: stack" for f in report.findings):
         report.add("probe: stack", "ok", f"no known-bad combination ({len(known_bad())} known)")
@@ -227,10 +229,8 @@ def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str 
         " (no GPU: peak memory not measured)"
     estimate = (report.memory or {}).get("total_gib")
     versus = f" (check's estimate {estimate:.2f} GiB)" if peak_bytes is not None and estimate else ""
-    report.add("probe: step", "info", f"forward + backward of {len(inputs[0]['input_ids'])} sample(s): "
-               f"{seconds:.2f} s{memory}{versus}", values={"seconds": seconds, "peak_bytes": peak_bytes})
-    from stabguard.check import guard_findings
-
+    report.add("probe: step", "info", f"forward + backward of {len(inputs)} batch(es) of {len(inputs[0]['input_ids'])} "
+               f"sample(s): {seconds:.2f} s{memory}{versus}", values={"seconds": seconds, "peak_bytes": peak_bytes})
     guard_findings(plugins, "probe", report, events, recipe=recipe, model=model, batches=inputs)
     model.zero_grad(set_to_none=True)
 
