@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
+from stabguard import IGNORE_INDEX
 from stabguard.where import float_tensors, module_of, modules_of
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
-IGNORE_INDEX = -100
 ACCUMULATION_TOLERANCE = 0.02  # relative: the two losses are the same numbers summed in another order
 PIXEL_SLIVER = 0.02  # pixel values spanning less than this share of the normalised range: rescaled twice
 
