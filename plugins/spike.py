@@ -60,7 +60,7 @@ class SpikeGuard:
         recent = [s for s in self.rollbacks if state.step - s < self.options.rollback_window]
         if len(recent) >= self.options.max_rollbacks:
             return Verdict.stop(f"{spike}, after {len(recent)} rollbacks within "
-                                f"{self.options.rollback_window} steps", NAME)
+                                f"{self.options.rollback_window} steps", NAME, healable=True)
         return Verdict.rollback(spike, NAME)
 
     def _spike(self, values: dict[str, float]) -> str | None:

@@ -22,12 +22,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 __all__ = [
-    "IGNORE_INDEX", "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "StepState",
-    "Verdict", "guarded", "hookimpl", "load_recipe", "run",
+    "IGNORE_INDEX", "Action", "Alert", "EventLog", "GuardError", "GuardOptions", "GuardTrainer", "Remedy",
+    "StepState", "Verdict", "guarded", "hookimpl", "load_recipe", "run",
 ]
 
 _LAZY = {
     "GuardTrainer": "stabguard.trainer",
+    "Remedy": "stabguard.recovery",
     "StepState": "stabguard.trainer",
     "guarded": "stabguard.trainer",
     "load_recipe": "stabguard.recipe",

@@ -7,6 +7,9 @@ Every fault happens where a real one would, before any guard looks:
 - ``nan_grad_at`` / ``inf_grad_at``: a NaN or an Inf in one LoRA gradient during the backward pass of
   the chosen optimizer steps; ``grad_scale_at``: that gradient multiplied by ``grad_scale`` (finite, huge);
 - ``loss_spike_at``: the loss of the chosen steps multiplied by ``loss_scale`` (the gradients follow);
+- ``spike_samples``: a sample that spikes every time it is trained: its own share of the loss multiplied
+  by ``loss_scale`` (its id, ``path:line``, or the end of it after a ``/``: ``train.jsonl:7``); once its
+  labels are masked (quarantined) it adds nothing;
 - ``damage_at``: a finite damaging update (noise added to every trainable weight right after the chosen
   steps' update: nothing is non-finite, only the next losses show it);
 - ``nan_pixels_at``: a corrupt image (every pixel value NaN) in the chosen collated micro-batches;
@@ -35,6 +38,8 @@ class Options(GuardOptions):
     grad_scale: float = Field(default=1e4, gt=0, description="the factor for grad_scale_at")
     loss_spike_at: list[int] = Field(default_factory=list, description="optimizer steps whose loss is scaled")
     loss_scale: float = Field(default=50.0, gt=0, description="the factor for loss_spike_at")
+    spike_samples: list[str] = Field(default_factory=list, description="samples whose own loss is scaled "
+                                     "whenever they are trained")
     damage_at: list[int] = Field(default_factory=list, description="optimizer steps whose update is followed "
                                  "by noise on every trainable weight")
     damage_std: float = Field(default=0.5, gt=0, description="the noise's standard deviation for damage_at")
@@ -47,6 +52,7 @@ class FaultInjector:
         self.options = options
         self.step = 1  # the optimizer step the next forward/backward pass belongs to
         self.collated = 0  # micro-batches collated so far
+        self.spiking_rows: list[int] = []  # rows of the next micro-batch that are spike_samples
 
     @hookimpl
     def setup_model(self, model, events):
@@ -54,6 +60,8 @@ class FaultInjector:
         param.register_hook(self._corrupt)
         if self.options.loss_spike_at:
             model.register_forward_hook(self._spike)
+        if self.options.spike_samples:
+            model.register_forward_hook(self._spike_rows, with_kwargs=True)
         armed = {k: v for k, v in self.options.model_dump().items() if k.endswith("_at") and v}
         events.record(NAME, "info", f"fault injection armed on {name}: {armed or 'nothing'}", armed=armed)
 
@@ -69,9 +77,24 @@ class FaultInjector:
             return output
         return None
 
+    def _spike_rows(self, module, args, kwargs, output):
+        labels, loss = kwargs.get("labels"), getattr(output, "loss", None)
+        if not (module.training and self.spiking_rows) or labels is None or loss is None:
+            return None
+        logits, targets = output.logits[:, :-1].float(), labels[:, 1:]
+        own = sum(torch.nn.functional.cross_entropy(logits[row], targets[row], ignore_index=IGNORE_INDEX,
+                                                    reduction="sum") for row in self.spiking_rows)
+        tokens = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        output.loss = loss + (self.options.loss_scale - 1) * own / tokens
+        return output
+
+    def _spikes(self, sample_id: str) -> bool:
+        return any(sample_id == s or sample_id.endswith("/" + s) for s in self.options.spike_samples)
+
     @hookimpl(tryfirst=True)  # before any guard audits the batch
     def post_collate(self, batch, samples, events):
         self.collated += 1
+        self.spiking_rows = [i for i, s in enumerate(samples) if self._spikes(str(s.get("id")))]
         if self.collated in self.options.nan_pixels_at and "pixel_values" in batch:
             batch["pixel_values"].fill_(float("nan"))
             events.record(NAME, "info", f"fault: NaN pixels in micro-batch {self.collated}",

@@ -14,6 +14,7 @@ The order inside one optimizer step (stabguard/step.py reads the same way)::
     post_backward(state)    one shared pass over the gradients has filled state.grad_norm
     pre_step(state)         verdicts, with the held data verdicts: STOP > ROLLBACK > SKIP > PROCEED,
                             agreed across ranks, then applied
+    propose_remedies(state, recovery)          a healable STOP, before the core heals it (recovery)
     on_rollback(state, restored_step)          after a ROLLBACK restored the last verified snapshot
     on_step_end(state)      after the Trainer applied (or dropped) the update
     on_log(logs, state)     on logging steps only
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # annotations only: importing this module stays cheap
 
     from stabguard.events import Alert, EventLog
     from stabguard.recipe import Recipe
+    from stabguard.recovery import Recovery, Remedy
     from stabguard.step import StepState
     from stabguard.verdict import Verdict
 
@@ -217,6 +219,26 @@ def pre_step(state: StepState, events: EventLog) -> Verdict | None:
         most severe wins everywhere). SKIP drops the gradients: no optimizer step, no scheduler step.
         ROLLBACK also restores the last verified snapshot (weights and optimizer state). STOP
         restores it too, saves it as a checkpoint and ends the run with the verdict's reason.
+    """
+
+
+@hookspec
+def propose_remedies(state: StepState, recovery: Recovery, events: EventLog) -> Remedy | list[Remedy] | None:
+    """The ranks agreed on a healable STOP (``state.verdict.healable``) and the core is about to heal it.
+
+    Fires on every rank, after the agreement and before the verdict is applied, only when no repeat
+    offender is being quarantined already. The core applies the first remedy proposed (by any guard), if
+    the recovery budget has room: it calls its ``apply()`` on every rank, records a ``remedy`` event with
+    its evidence and its before/after values, and turns the STOP into a ROLLBACK to the last verified state.
+    With no proposal it uses its own next remedy (quarantine, cool-down, tighter clip). Propose the same
+    remedy on every rank; keep what it changed in your ``state_dict`` so a resume restores it.
+
+    :param state: the :class:`~stabguard.step.StepState` of the stopping step (``verdict``, ``where``).
+    :param recovery: the core's :class:`~stabguard.recovery.Recovery`: ``quarantined``, ``cool``, ``clip``,
+        ``rejected`` (sample -> rejected steps) and ``applied`` (``[step, remedy]``), to read.
+    :param events: the run's event log.
+    :return: a :class:`~stabguard.recovery.Remedy` with ``apply`` set (or a list; None: nothing to
+        propose). Results are gathered from every implementation; the first one wins.
     """
 
 

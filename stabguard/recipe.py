@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stabguard import seams
 from stabguard.options import GuardOptions
@@ -133,6 +133,33 @@ class SnapshotSection(Section):
     offload: bool = Field(default=False, description="keep the snapshot in CPU memory, not on the device")
 
 
+REMEDIES = ("quarantine", "cool_down", "tighten_clip")
+
+
+class RecoverySection(Section):
+    """``[recovery]`` in a recipe (every key optional)."""
+
+    enabled: bool = Field(default=True, description="heal before stopping; false: a healable STOP stops")
+    remedies: list[str] = Field(default_factory=lambda: list(REMEDIES),
+                                description="the core's remedies, in the order a healable STOP uses them")
+    budget: int = Field(default=3, ge=0, description="remedies within budget_window steps; then a STOP stops")
+    budget_window: int = Field(default=500, ge=1, description="steps over which remedies are counted")
+    repeat: int = Field(default=2, ge=2, description="rejected steps a sample must be in to be quarantined at once")
+    cool_factor: float = Field(default=0.5, gt=0, lt=1, description="learning-rate factor of a cool-down")
+    cool_steps: int = Field(default=50, ge=0, description="steps a cool-down lasts; 0: the rest of the run")
+    clip_factor: float = Field(default=0.5, gt=0, lt=1, description="factor that tightens the clip")
+    clip_start: float = Field(default=1.0, gt=0, description="the clip a run without max_grad_norm gets first")
+
+    @field_validator("remedies")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in REMEDIES]
+        if unknown:
+            raise ValueError(f"unknown remedy {unknown[0]!r}; known: {', '.join(REMEDIES)}")
+        return value
+
+
+
 class Recipe(BaseModel):
     """A validated recipe. ``training`` holds the keyword arguments for ``TrainingArguments``."""
 
@@ -148,6 +175,7 @@ class Recipe(BaseModel):
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     snapshots: SnapshotSection = Field(default_factory=SnapshotSection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
     guards: dict[str, GuardOptions] = Field(default_factory=dict)
 
     def training_arguments(self) -> dict[str, Any]:
@@ -216,7 +244,7 @@ def _check_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str
     """Validate every section but ``guards`` and ``training``; return the parsed sections."""
     fields = {"plugins": list, "block_plugins": list, "max_consecutive_skips": int, "model": ModelSection,
               "data": DataSection, "lora": LoraSection, "quantization": QuantizationSection,
-              "snapshots": SnapshotSection}
+              "snapshots": SnapshotSection, "recovery": RecoverySection}
     known = set(fields) | {"training", "guards"}
     errors = [(key, f"unknown section; known: {', '.join(sorted(known))}") for key in raw if key not in known]
     parsed: dict[str, Any] = {}

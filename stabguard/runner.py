@@ -107,7 +107,8 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog, args):
     return GuardTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=collator,
                         processing_class=processor, plugins=plugins, events=events,
                         max_consecutive_skips=recipe.max_consecutive_skips,
-                        snapshot_every=recipe.snapshots.every, snapshot_offload=recipe.snapshots.offload)
+                        snapshot_every=recipe.snapshots.every, snapshot_offload=recipe.snapshots.offload,
+                        recovery=recipe.recovery)
 
 
 def run_arguments(recipe: Recipe) -> dict:

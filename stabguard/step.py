@@ -13,6 +13,9 @@ once per optimizer step, after the gradients of every micro-batch are accumulate
   this step's micro-batches, and the failures of hooks that ran after the last agreement. A hook that
   raises becomes a STOP naming the hook, plugin, rank and samples.
 - **agree**: the most severe verdict of any rank, on every rank (STOP > ROLLBACK > SKIP > PROCEED).
+- **heal**: a step that did not proceed goes to :class:`~stabguard.recovery.Recovery`: samples found in
+  repeated rejected steps are quarantined, and a healable STOP becomes a ROLLBACK with a remedy
+  (quarantine, cool-down, tighter clip, or a guard's own) while the recovery budget lasts.
 - **apply**: PROCEED takes a snapshot when one is due, then clips; SKIP drops the gradients and holds the
   optimizer and the LR scheduler; ROLLBACK is a SKIP that also restores the last verified snapshot;
   STOP restores it too, has the host save it as a checkpoint, and ends the run.
@@ -34,6 +37,8 @@ import torch
 
 from stabguard import seams
 from stabguard.engine import Engine, Snapshot, SnapshotLike
+from stabguard.recipe import RecoverySection
+from stabguard.recovery import Recovery
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
 from stabguard.where import Where, first_nonfinite_output, group, modules_of
 
@@ -125,6 +130,10 @@ class StepHost(Protocol):
     def replay_model(self, model):
         """``model`` as a forward on this rank alone runs it (unwrapped from DDP), for a replay."""
 
+    def scale_lr(self, factor: float) -> tuple[float, float]:
+        """Multiply every group's learning rate, now and in the scheduler's later steps (its shape kept);
+        returns the first group's learning rate before and after."""
+
 
 @dataclass
 class Stopped:
@@ -144,8 +153,9 @@ class GuardedStep:
     """The core's side of every optimizer step: counters, held verdicts, the verified snapshot, a STOP."""
 
     def __init__(self, plugins, events, *, max_consecutive_skips: int = 20, snapshot_every: int = 1,
-                 snapshot_offload: bool = False):
+                 snapshot_offload: bool = False, recovery: RecoverySection | None = None):
         self.plugins, self.events = plugins, events
+        self.recovery = Recovery(recovery, events)
         self.max_consecutive_skips = max_consecutive_skips
         self.snapshot_every, self.snapshot_offload = snapshot_every, snapshot_offload
         self.skipped_steps = self.consecutive_skips = self.rollbacks = 0
@@ -155,6 +165,7 @@ class GuardedStep:
         self.micro_losses: list[torch.Tensor] = []
         self.micro_inputs: list[dict] = []  # kept until the step decides: a non-finite loss is replayed
         self.samples: list[str] = []
+        self.micro_batches = self.micro_quarantined = 0  # this step's, and those wholly quarantined
         # Verdicts that join the next decision: the data hooks' for this step's micro-batches, evaluation
         # data's STOPs, and the failures of hooks that ran after the last agreement.
         self.held: list[Verdict] = []
@@ -163,9 +174,12 @@ class GuardedStep:
 
     # -- what the micro-batches bring -------------------------------------------------------------
 
-    def add_micro_batch(self, samples: list[str], verdict: Verdict | None) -> None:
-        """A micro-batch of this step: its samples and its data verdict (held until the step decides)."""
+    def add_micro_batch(self, samples: list[str], verdict: Verdict | None, quarantined: bool = False) -> None:
+        """A micro-batch of this step: its samples (those it trains on), its data verdict (held until the
+        step decides), and whether every row of it was quarantined (nothing to train on)."""
         self.samples += samples
+        self.micro_batches += 1
+        self.micro_quarantined += quarantined
         if verdict is not None:
             self.held.append(verdict)
 
@@ -188,15 +202,20 @@ class GuardedStep:
                           optimizer=host.optimizer, samples=self.samples,
                           loss_scaled=seams.grad_scaler(host.optimizer) is not None)
         micro = list(zip(self.micro_losses, self.micro_inputs))
+        nothing_left = 0 < self.micro_batches == self.micro_quarantined
         self.micro_losses, self.micro_inputs, self.samples = [], [], []
+        self.micro_batches = self.micro_quarantined = 0
         if not self.reach_checked:  # the first step: a trainable tensor without a gradient never trains
             self.reach_checked = True
             self._check_reach(engine.missing_gradients(model), state.step)
         if host.max_grad_norm():
             state.clip_to(host.max_grad_norm())
+        self.recovery.steady(state, host)  # a tightened clip; the end of a cool-down
 
         # Decide: the guards' verdicts and the held ones; a hook that raises stops the run.
         verdicts, self.held = self.held, []
+        if nothing_left:  # an update from no sample would still move the weights (momentum, weight decay)
+            verdicts.append(Verdict.skip("every sample of this step is quarantined: nothing to train on"))
         try:
             hook.post_backward(state=state, events=self.events)
             verdicts += hook.pre_step(state=state, events=self.events)
@@ -209,6 +228,10 @@ class GuardedStep:
         state.verdict, asked = agree_across_ranks(verdict, state._where_asked)
         if asked or state.verdict.action != Action.PROCEED:
             state.where = self._locate(host, state, engine, micro)
+
+        # Heal: repeat offenders quarantined; a healable STOP becomes a ROLLBACK with a remedy (budgeted).
+        if state.verdict.action != Action.PROCEED:
+            self._heal(host, state)
 
         # Apply.
         action = state.verdict.action
@@ -241,6 +264,12 @@ class GuardedStep:
             first = first_nonfinite_output(host.replay_model(state.model), replay)
         where.first_nonfinite_output = first_across_ranks(first)
         return where
+
+    def _heal(self, host: StepHost, state: StepState) -> None:
+        try:
+            self.recovery.heal(state, samples_across_ranks(state.samples), host, self.plugins.hook)
+        except HookError as exc:  # a guard's remedy failed: the verdict stands, the failure stops the run
+            self.held.append(self.failed(exc, state.step, state.samples))
 
     def _check_reach(self, missing: list[str], step: int) -> None:
         """A finding when trainable tensors got no gradient (``p.grad is None``: no sync to ask)."""
@@ -323,12 +352,14 @@ class GuardedStep:
         return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                 "consecutive_skips": 0 if stopped else self.consecutive_skips,
                 "verified_step": stopped.verified_step if stopped else None,
-                "plugins": stopped.guard_state if stopped else plugin_states(self.plugins)}
+                "plugins": stopped.guard_state if stopped else plugin_states(self.plugins),
+                "recovery": self.recovery.state_dict()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.skipped_steps = saved.get("skipped_steps", 0)
         self.consecutive_skips = saved.get("consecutive_skips", 0)
         self.rollbacks = saved.get("rollbacks", 0)
+        self.recovery.load_state_dict(saved.get("recovery", {}))
         load_plugin_states(self.plugins, saved.get("plugins", {}))
 
     # -- events ------------------------------------------------------------------------------------
@@ -385,6 +416,16 @@ def first_across_ranks(name: str | None) -> str | None:
     return next((n for n in everyone if n is not None), None)
 
 
+def samples_across_ranks(samples: list[str]) -> list[str]:
+    """Every rank's samples of this step, in rank order (rejected steps only: one collective)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(samples)
+    everyone: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(samples))
+    return [s for rank in everyone for s in rank or []]
+
+
 def merge_ranks(everyone: list[Verdict]) -> Verdict:
     """The most severe of the ranks' (already combined) verdicts; differing reasons are named by rank."""
     worst = max(v.action for v in everyone)
@@ -392,7 +433,7 @@ def merge_ranks(everyone: list[Verdict]) -> Verdict:
     reasons = list(dict.fromkeys(v.reason for _, v in top))
     reason = reasons[0] if len(reasons) == 1 else "; ".join(f"rank {rank}: {v.reason}" for rank, v in top)
     return Verdict(worst, reason, tuple(g for _, v in top for g in v.guard),
-                   next((v.error for _, v in top if v.error), ""))
+                   next((v.error for _, v in top if v.error), ""), all(v.healable for _, v in top))
 
 
 def plugin_states(plugins) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from transformers.trainer_utils import TrainOutput
 
 from stabguard import metrics, seams
 from stabguard.engine import TorchEngine, gathered_trainable
+from stabguard.recipe import RecoverySection
+from stabguard.recovery import UNNAMED
 from stabguard.step import GuardedStep, StepState
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
 
@@ -82,7 +84,13 @@ def _without_images(sample: dict) -> dict:
 
 def sample_ids(samples: list[dict]) -> list[str]:
     """Each sample's ``id``; rows a framework built without one are named by their place in the batch."""
-    return [str(s["id"]) if s.get("id") is not None else f"batch row {i}" for i, s in enumerate(samples)]
+    return [str(s["id"]) if s.get("id") is not None else f"{UNNAMED}{i}" for i, s in enumerate(samples)]
+
+
+def _to_device(cpu: dict, inputs: dict, key: str) -> None:
+    """A tensor changed on the CPU replaces the device batch's copy (on a CPU run they are one tensor)."""
+    if torch.is_tensor(cpu.get(key)) and torch.is_tensor(inputs.get(key)) and cpu[key] is not inputs[key]:
+        inputs[key] = cpu[key].to(inputs[key].device, inputs[key].dtype)
 
 
 class _HookCallback(TrainerCallback):
@@ -113,6 +121,9 @@ class _HookCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         t = self.trainer
+        if quarantined := t.guarded.recovery.quarantined:
+            t.events.record("core", "info", f"{len(quarantined)} sample(s) quarantined in this run: "
+                            f"{', '.join(quarantined)}", step=state.global_step, quarantined=quarantined)
         t.call_after_step(t.plugins.hook.on_train_end, state=t.last_step, reason=t.stop_reason)
         if t.events.echo is not None:
             t.events.echo.flush()  # the "N more like the above" line of a repeated decision
@@ -136,11 +147,13 @@ class GuardedTrainer:
     :param snapshot_every: optimizer steps between verified snapshots (0: none; a STOP then saves the
         current, unverified state).
     :param snapshot_offload: keep the snapshot in CPU memory.
+    :param recovery: the recovery policy (:class:`~stabguard.recovery.RecoverySection` or its dict, as
+        ``[recovery]`` in a recipe); None: the defaults (on, budget 3 remedies per 500 steps).
     """
 
     def __init__(self, *args, plugins=None, events=None, guards: dict | None = None, plugin_modules=(),
                  setup_guards: bool = False, max_consecutive_skips: int = 20, snapshot_every: int = 1,
-                 snapshot_offload: bool = False, **kwargs):
+                 snapshot_offload: bool = False, recovery: RecoverySection | dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         setup_guards = setup_guards or plugins is None
         if plugins is None:
@@ -152,9 +165,13 @@ class GuardedTrainer:
             events = run_event_log(seams.output_dir(self) / "events.jsonl", plugins, rank=self.args.process_index)
             quiet_log_dicts(self)
         self.plugins, self.events = plugins, events
+        if isinstance(recovery, dict):
+            recovery = RecoverySection(**recovery)
         self.guarded = GuardedStep(plugins, events, max_consecutive_skips=max_consecutive_skips,
-                                   snapshot_every=snapshot_every, snapshot_offload=snapshot_offload)
+                                   snapshot_every=snapshot_every, snapshot_offload=snapshot_offload,
+                                   recovery=recovery)
         self.last_step: StepState | None = None
+        self._all_quarantined = False  # every row of the micro-batch being trained is quarantined
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._loss_at_step_start: torch.Tensor | None = None
         self._torch_engine = TorchEngine()  # single device, DDP, FSDP2; DeepSpeed: a ZeroEngine at the first step
@@ -223,7 +240,7 @@ class GuardedTrainer:
         samples, verdict = self._data_verdict(inputs)
         if not self.guarded.micro_losses and seams.loss_sum(self) is not None:
             self._loss_at_step_start = seams.loss_sum(self).detach().clone()
-        self.guarded.add_micro_batch(samples, verdict)
+        self.guarded.add_micro_batch(samples, verdict, quarantined=self._all_quarantined)
         self.guarded.micro_inputs.append(inputs)  # a non-finite loss is replayed from it (where it broke)
         if self.is_deepspeed_enabled:  # the step runs inside backward: the engine wrapper adds the loss
             self._guard_deepspeed_engine()
@@ -231,6 +248,15 @@ class GuardedTrainer:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guarded.add_loss(loss)
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Every row of this micro-batch is quarantined: the forward and backward still run (each rank's
+        collectives match), with a loss of exactly 0 and no gradient, instead of the model's 0/0 NaN."""
+        if not self._all_quarantined:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        loss = outputs.logits.float().sum() * 0.0
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         _, verdict = self._data_verdict(inputs)
@@ -246,6 +272,7 @@ class GuardedTrainer:
         """
         verdicts = [v for v in [inputs.pop(VERDICT_KEY, None)] if v is not None]
         collated = inputs.pop(COLLATED_KEY, None)
+        self._all_quarantined = False
         if collated is None:  # a collator of the user's own, not wrapped by stabguard
             return [], combine(verdicts) if verdicts else None
         ids, cpu, labels = sample_ids(collated.samples), collated.cpu_batch, collated.cpu_batch.get("labels")
@@ -254,6 +281,12 @@ class GuardedTrainer:
             verdicts += self.plugins.hook.post_collate(batch=cpu, samples=collated.samples, events=self.events)
         except HookError as exc:
             verdicts.append(self.guarded.failed(exc, None, ids))
+        if masked := self.guarded.recovery.mask(ids, cpu, collated.samples):  # after the guards audited them
+            self._all_quarantined = len(masked) == len(ids)
+            ids = [i for i in ids if i not in masked]
+            self.events.record("core", "info", f"quarantined sample(s) in this batch, masked (no loss, no "
+                               f"gradient): {', '.join(masked)}", step=self.state.global_step + 1, masked=masked)
+            _to_device(cpu, inputs, "pixel_values")
         if before is not None and cpu["labels"] is not inputs.get("labels") and not torch.equal(before, cpu["labels"]):
             inputs["labels"] = cpu["labels"].to(inputs["labels"].device)
         return ids, combine(verdicts) if verdicts else None
@@ -415,6 +448,16 @@ class _TrainerHost:
 
     def replay_model(self, model):
         return self.trainer.accelerator.unwrap_model(model)
+
+    def scale_lr(self, factor: float) -> tuple[float, float]:
+        """The scheduler computes each step's rate from ``base_lrs``: scaling them keeps its shape."""
+        groups, scheduler = self.trainer.optimizer.param_groups, self.trainer.lr_scheduler
+        before = groups[0]["lr"]
+        for group in groups:
+            group["lr"] *= factor
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        return before, groups[0]["lr"]
 
 
 def plugins_for(guards: dict | None, modules=(), where: str = ""):

@@ -26,12 +26,18 @@ class Verdict:
 
     ``guard`` names the guards behind it: one name as a guard gives it (``Verdict.skip(reason, "mine")``),
     a tuple of names once verdicts are combined; it is always stored as a tuple (empty: no guard).
+
+    ``healable``: a STOP the core's recovery may turn into a ROLLBACK plus a remedy (quarantine, cool-down,
+    tighter clip) while its budget lasts; a guard sets it when its STOP means "this keeps going wrong"
+    (the spike guard's rollback budget), not "this run is set up wrongly". Combined, a STOP is healable
+    only when every STOP behind it is.
     """
 
     action: Action
     reason: str = ""
     guard: tuple[str, ...] | str | None = ()
     error: str = ""  # "crash" or "refused" when the core made this STOP from a hook that raised
+    healable: bool = False
 
     def __post_init__(self):
         names = (self.guard,) if isinstance(self.guard, str) else tuple(self.guard or ())
@@ -55,8 +61,8 @@ class Verdict:
         return cls(Action.ROLLBACK, reason, guard)
 
     @classmethod
-    def stop(cls, reason: str, guard: str = "") -> Verdict:
-        return cls(Action.STOP, reason, guard)
+    def stop(cls, reason: str, guard: str = "", *, healable: bool = False) -> Verdict:
+        return cls(Action.STOP, reason, guard, healable=healable)
 
     def decided_by(self, guard: str) -> bool:
         """Whether ``guard`` is among the guards behind this (possibly combined) SKIP or STOP."""
@@ -111,7 +117,8 @@ def combine(verdicts: Iterable[Verdict | None]) -> Verdict:
     if worst == Action.PROCEED:
         return Verdict.proceed()
     reason = "; ".join(dict.fromkeys(_led_by_guards(v) for v in top))
-    return Verdict(worst, reason, tuple(g for v in top for g in v.guard), next((v.error for v in top if v.error), ""))
+    return Verdict(worst, reason, tuple(g for v in top for g in v.guard), next((v.error for v in top if v.error), ""),
+                   all(v.healable for v in top))
 
 
 def _led_by_guards(v: Verdict) -> str:

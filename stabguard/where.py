@@ -115,7 +115,8 @@ def group(names: list[str], norms: list[float]) -> Where:
         if not math.isfinite(norm):
             nonfinite[module] = nonfinite.get(module, 0) + 1
             continue
-        squares[(module, part)] = squares.get((module, part), 0.0) + norm * norm
+        if norm > 0:  # a tensor without gradient says nothing about where a step broke
+            squares[(module, part)] = squares.get((module, part), 0.0) + norm * norm
     total = sum(squares.values()) or 1.0
     modules = sorted(((m, p, sq / total) for (m, p), sq in squares.items()), key=lambda x: -x[2])
     layers: dict[str, float] = {}

@@ -69,5 +69,6 @@ def tiny_recipe(assets: dict[str, Path], output_dir: Path, *, training: dict | N
 
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml_dumps(recipe), encoding="utf-8")
     return path

@@ -125,9 +125,10 @@ def test_loss_spike_in_a_real_run_rolls_back_and_names_the_skipped_samples(tmp_p
 
 
 def test_repeated_spikes_stop_the_run_with_the_last_verified_state(tmp_path, tiny_assets):
-    probe = StepProbe(keep={3})
+    probe = StepProbe(keep={3})  # recovery off: this is the guard's own STOP (tests/test_recovery.py heals it)
     result, _ = run_guarded(tmp_path, tiny_assets, LossFault(at={5, 6, 7}, scale=50.0), probe,
-                            training={"max_steps": 10}, guards={"spike": {**FAST, "max_rollbacks": 2}})
+                            training={"max_steps": 10}, guards={"spike": {**FAST, "max_rollbacks": 2}},
+                            recovery={"enabled": False})
     assert result.stop_reason.startswith("step 7: spike: loss") and "after 2 rollbacks" in result.stop_reason
     checkpoint = result.output_dir / "checkpoint-6"
     saved = json.loads((checkpoint / "stabguard_state.json").read_text())
