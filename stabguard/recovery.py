@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from stabguard import IGNORE_INDEX
-from stabguard.recipe import REMEDIES, RecoverySection
+from stabguard.recipe import RecoverySection
 from stabguard.verdict import Action, Verdict
 
 UNNAMED = "batch row "  # a row a framework built without an id: never quarantined (it names no sample)
@@ -53,6 +53,7 @@ class Remedy:
     apply: Callable[[], dict] | None = field(default=None, repr=False)
     by: str = "core"
     samples: list[str] = field(default_factory=list)
+    cursor: int | None = field(default=None, repr=False)  # a built-in's: where the core's order goes on
 
 
 class Recovery:
@@ -67,6 +68,7 @@ class Recovery:
         self.applied: list[list] = []  # [step, remedy name] of every remedy, for the budget
         self.cursor = 0  # the next built-in remedy a healable STOP uses
         self.since_remedy: list[str] = []  # samples of the rejected steps since the last remedy
+        self.pending: str | None = None  # resumed with --heal after a STOP: why the next remedy is due
 
     # -- every step (no host sync) -------------------------------------------------------------------
 
@@ -79,6 +81,18 @@ class Recovery:
             self.events.record("core", "remedy", f"step {state.step}: cool-down ended, learning rate {before:.3g} "
                                f"-> {after:.3g}", step=state.step, remedy="cool_down_end", before=before, after=after)
             self.cool = None
+
+    def heal_pending(self, state, host) -> list[dict]:
+        """Resumed with ``--heal`` after a STOP: the next built-in remedy, at the first step, asked for by the
+        person who resumed (it counts in the budget, but is applied even when the budget is spent)."""
+        evidence, self.pending = self.pending, None
+        return [self._apply(Remedy(r.name, evidence, samples=r.samples, cursor=r.cursor), state, host)
+                for r in self._next_builtin(state.step)]
+
+    def next_remedy(self) -> str | None:
+        """The built-in remedy a healable STOP (or ``--heal``) would use next."""
+        found = self._next_builtin(0)
+        return found[0].name if found else None
 
     def mask(self, ids: list[str], batch: dict, samples: list[dict]) -> list[str]:
         """Quarantined rows of a collated batch (CPU tensors, changed in place): labels -100, their images'
@@ -126,7 +140,7 @@ class Recovery:
             spent = ", ".join(recent) or "none allowed"
             state.verdict = Verdict(Action.STOP, f"{state.verdict.reason}; recovery budget spent ({opts.budget} "
                                     f"remedies within {opts.budget_window} steps: {spent})", state.verdict.guard,
-                                    state.verdict.error)
+                                    state.verdict.error, healable=True)
         return done
 
     def _repeat_offenders(self, samples: list[str]) -> list[Remedy]:
@@ -139,15 +153,17 @@ class Recovery:
                        samples=offenders)]
 
     def _next_builtin(self, step: int) -> list[Remedy]:
+        """The next of ``remedies`` from the cursor (a quarantine with no new sample is passed over); the
+        cursor moves past it once it is applied."""
         order = self.options.remedies
-        for _ in range(len(order)):
-            name = order[self.cursor % len(order)]
-            self.cursor += 1
-            if name != "quarantine":
-                return [Remedy(name, "the run would have stopped")]
+        for offset in range(len(order)):
+            name = order[(self.cursor + offset) % len(order)]
             fresh = [s for s in self.since_remedy if s not in self.quarantined]
+            if name != "quarantine":
+                return [Remedy(name, "the run would have stopped", cursor=self.cursor + offset + 1)]
             if fresh:
-                return [Remedy("quarantine", "the samples of the rejected steps since the last remedy", samples=fresh)]
+                return [Remedy("quarantine", "the samples of the rejected steps since the last remedy", samples=fresh,
+                               cursor=self.cursor + offset + 1)]
         return []
 
     def _apply(self, remedy: Remedy, state, host) -> dict:
@@ -161,6 +177,8 @@ class Recovery:
             change = self._tighten_clip(host)
         self.applied.append([state.step, remedy.name])
         self.since_remedy = []
+        if remedy.cursor is not None:
+            self.cursor = remedy.cursor
         left = self.options.budget - len([s for s, _ in self.applied if state.step - s < self.options.budget_window])
         record = {"remedy": remedy.name, "by": remedy.by, "evidence": remedy.evidence, "budget_left": left, **change}
         self.events.record(remedy.by, "remedy", f"step {state.step}: {remedy.name}: {_said(change)} "

@@ -121,8 +121,14 @@ def run_arguments(recipe: Recipe) -> dict:
     return args
 
 
-def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: Plugins | None = None) -> RunResult:
-    """Run a recipe end to end. A STOP verdict returns a result with ``stop_reason`` set."""
+def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: Plugins | None = None,
+        heal: bool = False) -> RunResult:
+    """Run a recipe end to end. A STOP verdict returns a result with ``stop_reason`` set.
+
+    :param resume: a checkpoint folder; ``"last"`` (or True): the newest complete one in ``output_dir``;
+        ``"auto"``: that one when there is one, else a fresh start (for ``torchrun --max-restarts``).
+    :param heal: resuming from a STOP's checkpoint, apply the recovery's next remedy at the first step.
+    """
     recipe, plugins = prepare(recipe_path, plugins)
     enabled = plugins.enable_guards(recipe.guards)
     output_dir = Path(recipe.training["output_dir"])
@@ -137,6 +143,7 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
     try:
         plugins.hook.configure(recipe=recipe, events=events)
         trainer = build_trainer(recipe, plugins, events, args)
+        trainer.guarded.heal_on_resume = heal
         quiet_log_dicts(trainer)  # its log dicts, printed through the progress bar, are echo's log lines now
         trainer.train(resume_from_checkpoint=resolve_resume(output_dir, resume))
         trainer.save_state()
@@ -173,13 +180,19 @@ def _unapplied_failure(trainer):
 
 
 def resolve_resume(output_dir: Path, resume: str | bool | None) -> str | None:
-    """``True`` ("--resume last"): the newest *complete* checkpoint (its guard state is written last)."""
-    if resume is not True:
+    """``"last"`` (or True): the newest *complete* checkpoint (its guard state is written last); ``"auto"``:
+    the same, or None (a fresh start) when there is none yet; anything else is a checkpoint folder."""
+    if resume is True:
+        resume = "last"
+    if resume not in ("last", "auto"):
         return resume or None
     from stabguard.trainer import GUARD_STATE_FILE
 
     complete = [p for p in output_dir.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()
                 and (p / GUARD_STATE_FILE).is_file() and (p / "trainer_state.json").is_file()]
+    if not complete and resume == "auto":
+        say(f"--resume auto: no complete checkpoint in {output_dir} yet; starting fresh")
+        return None
     if not complete:
         raise GuardError(f"--resume last: no complete checkpoint in {output_dir} (a complete one holds "
                          f"trainer_state.json and stabguard_state.json)")

@@ -156,6 +156,7 @@ class GuardedStep:
                  snapshot_offload: bool = False, recovery: RecoverySection | None = None):
         self.plugins, self.events = plugins, events
         self.recovery = Recovery(recovery, events)
+        self.heal_on_resume = False  # `stabguard run --resume ... --heal`: a STOP's checkpoint gets a remedy
         self.max_consecutive_skips = max_consecutive_skips
         self.snapshot_every, self.snapshot_offload = snapshot_every, snapshot_offload
         self.skipped_steps = self.consecutive_skips = self.rollbacks = 0
@@ -211,6 +212,8 @@ class GuardedStep:
         if host.max_grad_norm():
             state.clip_to(host.max_grad_norm())
         self.recovery.steady(state, host)  # a tightened clip; the end of a cool-down
+        if self.recovery.pending:  # resumed with --heal from a STOP's checkpoint
+            self.recovery.heal_pending(state, host)
 
         # Decide: the guards' verdicts and the held ones; a hook that raises stops the run.
         verdicts, self.held = self.held, []
@@ -352,6 +355,7 @@ class GuardedStep:
         return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                 "consecutive_skips": 0 if stopped else self.consecutive_skips,
                 "verified_step": stopped.verified_step if stopped else None,
+                "stop_reason": stopped.reason if stopped else None,
                 "plugins": stopped.guard_state if stopped else plugin_states(self.plugins),
                 "recovery": self.recovery.state_dict()}
 
@@ -360,7 +364,18 @@ class GuardedStep:
         self.consecutive_skips = saved.get("consecutive_skips", 0)
         self.rollbacks = saved.get("rollbacks", 0)
         self.recovery.load_state_dict(saved.get("recovery", {}))
+        if self.heal_on_resume:
+            self._heal_on_resume(saved.get("stop_reason"))
         load_plugin_states(self.plugins, saved.get("plugins", {}))
+
+    def _heal_on_resume(self, stop_reason: str | None) -> None:
+        if stop_reason is None:
+            self.events.record("core", "info", "--heal: this checkpoint was not written by a STOP; nothing to heal",
+                               console=True)
+            return
+        self.recovery.pending = f"asked with --heal after the STOP at {stop_reason}"
+        self.events.record("core", "info", f"--heal: the next remedy ({self.recovery.next_remedy()}) is applied at "
+                           "the first step", console=True)
 
     # -- events ------------------------------------------------------------------------------------
 

@@ -123,7 +123,8 @@ class _HookCallback(TrainerCallback):
         t = self.trainer
         if quarantined := t.guarded.recovery.quarantined:
             t.events.record("core", "info", f"{len(quarantined)} sample(s) quarantined in this run: "
-                            f"{', '.join(quarantined)}", step=state.global_step, quarantined=quarantined)
+                            f"{', '.join(quarantined)}", step=state.global_step, quarantined=quarantined,
+                            console=True)
         t.call_after_step(t.plugins.hook.on_train_end, state=t.last_step, reason=t.stop_reason)
         if t.events.echo is not None:
             t.events.echo.flush()  # the "N more like the above" line of a repeated decision

@@ -20,8 +20,10 @@ def guard_plugins(*test_plugins, guards=GUARDS):
     return _guard_plugins(*test_plugins, guards=tuple(guards), prefix="fault")
 
 
-def run_guarded(tmp_path, assets, *test_plugins, training=None, guards=None, resume=None, enabled=GUARDS, **top):
+def run_guarded(tmp_path, assets, *test_plugins, training=None, guards=None, resume=None, enabled=GUARDS, heal=False,
+                **top):
     """One tiny run with the gradient guards; returns (RunResult, Plugins). ``top``: recipe top-level keys."""
     plugins = guard_plugins(*test_plugins, guards=enabled)
     recipe = tiny_recipe(assets, tmp_path / "out", training=training, guards=guards, **top)
-    return run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins, resume=resume), plugins
+    return run(write_recipe(tmp_path / "recipe.toml", recipe), plugins=plugins, resume=resume,
+               heal=heal), plugins

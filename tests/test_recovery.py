@@ -178,3 +178,19 @@ def test_recipe_recovery_errors_name_the_key():
     where = {e["loc"][0]: e["msg"] for e in err.value.errors()}
     assert "unknown remedy 'pray'" in where["remedies"] and "cool_factor" in where
     assert math.isclose(RecoverySection().cool_factor, 0.5)
+
+
+def test_resume_with_heal_after_a_stop_applies_the_next_remedy_and_goes_on(tmp_path, tiny_assets):
+    spike = {"spike": SPIKE}
+    stopped, _ = run_guarded(tmp_path, tiny_assets, LossFault(at={5, 6}, scale=50.0), training={"max_steps": 9},
+                             guards=spike, recovery={"budget": 0})
+    assert "recovery budget spent (0 remedies" in stopped.stop_reason and stopped.trainer.stop_verdict.healable
+    rejected = [e["values"]["skipped_samples"] for e in read_events(stopped.output_dir / "events.jsonl")
+                if e["kind"] in ("rollback", "stop") and "skipped_samples" in e["values"]]
+    healed, _ = run_guarded(tmp_path, tiny_assets, training={"max_steps": 9}, guards=spike, recovery={"budget": 0},
+                            resume=True, heal=True)
+    assert healed.ok and healed.global_step == 9
+    (remedy,) = [e for e in remedies(healed.output_dir) if e["run"] == healed.run_id]
+    assert remedy["step"] == 6 and remedy["values"]["remedy"] == "quarantine"
+    assert remedy["values"]["evidence"].startswith("asked with --heal after the STOP at step 6: spike:")
+    assert len(remedy["values"]["samples"]) == 2 and rejected

@@ -133,6 +133,14 @@ def event_rows(run: RunState, last: int = 3) -> list[Row]:
     rows.append(Row("alerts", ", ".join(counts) or "none", "warn" if alerts else "ok"))
     rows += [Row("", f"step {e.get('step')}: [{e.get('guard')}] {brief(e.get('message', ''))}", "warn")
              for e in alerts[-last:]]
+    remedies = [e for e in run.events_of("remedy") if (e.get("values") or {}).get("remedy") != "cool_down_end"]
+    if remedies:
+        quarantined = sum(len((e.get("values") or {}).get("samples") or []) for e in remedies)
+        last = remedies[-1]
+        rows.append(Row("healed", f"{len(remedies)} remed{'y' if len(remedies) == 1 else 'ies'}"
+                        f"{f', {quarantined} sample(s) quarantined' if quarantined else ''}; last at step "
+                        f"{last.get('step')}: {(last.get('values') or {}).get('remedy')} "
+                        f"({(last.get('values') or {}).get('budget_left')} left in the budget)", "warn"))
     located = where_events(run)
     if located:
         latest = located[-1]

@@ -31,7 +31,7 @@ from stabguard.diagnosis import (
 from stabguard.trainer_state import RunState, TrainerStateError, as_float, load_run
 
 COLORS = {"ok": "#2e7d32", "warn": "#b26a00", "trouble": "#c62828", "skip": "#d32f2f", "alert": "#ef6c00",
-          "rollback": "#6a1b9a", "stop": "black", "clip": "#1565c0"}
+          "rollback": "#6a1b9a", "stop": "black", "clip": "#1565c0", "remedy": "#2e7d32"}
 
 
 def skip_steps(run: RunState) -> list[int]:
@@ -56,9 +56,10 @@ def plot_series(ax, points, bad_label: str = "non-finite value", **style) -> Non
 
 
 def mark_events(axes, run: RunState) -> None:
-    """Vertical lines through every plot: skips (thin red), rollbacks (purple), a stop (black)."""
+    """Vertical lines through every plot: skips (thin red), rollbacks (purple), remedies (green), a stop
+    (black)."""
     kinds = (("skip", skip_steps(run), ":", 1.2), ("rollback", run.event_steps("rollback"), "-.", 1.5),
-             ("stop", run.event_steps("stop"), "-", 2.0))
+             ("remedy", run.event_steps("remedy"), "--", 1.5), ("stop", run.event_steps("stop"), "-", 2.0))
     for kind, steps, style, width in kinds:
         for i, step in enumerate(steps):
             for ax in axes:

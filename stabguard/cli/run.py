@@ -18,16 +18,21 @@ EXIT_RECIPE, EXIT_GUARD, EXIT_STOPPED, EXIT_CRASHED = 2, 1, 3, 4
 @click.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--resume", "resume", default=None, metavar="CHECKPOINT",
-              help="resume from a checkpoint folder, or 'last' for the newest in output_dir")
-def command(recipe, resume):
+              help="resume from a checkpoint folder; 'last': the newest complete one in output_dir; 'auto': "
+                   "that one if there is one, else start fresh (for torchrun --max-restarts)")
+@click.option("--heal", is_flag=True, help="with --resume, from a STOP's checkpoint: apply the recovery's next "
+                                          "remedy (quarantine, cool-down, tighter clip) at the first step")
+def command(recipe, resume, heal):
     """Fine-tune as the recipe says, with its guards enabled."""
     from stabguard.cli.validate import report_recipe_error
     from stabguard.collate import CollateError
     from stabguard.data import DataError
     from stabguard.runner import exception_text, run
 
+    if heal and not resume:
+        raise click.UsageError("--heal applies a remedy to a resumed run: give --resume too")
     try:
-        result = run(recipe, resume=True if resume == "last" else resume)
+        result = run(recipe, resume=resume, heal=heal)
     except RecipeError as exc:
         report_recipe_error(exc)
         raise SystemExit(EXIT_RECIPE) from None
@@ -52,6 +57,10 @@ def command(recipe, resume):
 
         for hint in hints_for(result.output_dir, result.stop_reason):
             click.echo(f"stabguard: try: {hint}", err=True)
+        verdict = result.trainer.stop_verdict if result.trainer is not None else None
+        if verdict is not None and verdict.healable:
+            click.echo(f"stabguard: try: stabguard run {recipe} --resume last --heal  (goes on from the saved "
+                       f"state with the next remedy: {result.trainer.guarded.recovery.next_remedy()})", err=True)
         raise SystemExit({"crash": EXIT_CRASHED, "refused": EXIT_GUARD}.get(result.error, EXIT_STOPPED))
     from stabguard.diagnosis import dropped_text
 

@@ -174,3 +174,18 @@ def test_the_last_step_that_said_where_it_broke_is_a_row(tmp_path):
     write_events(tmp_path, [("grad_norm", "alert", 40, "grad norm high", {"where": where})])
     (row,) = [r for r in event_rows(load_run(tmp_path)) if r.label == "where"]
     assert (row.text, row.severity) == ("step 40: language_model.layers.2.mlp.up_proj (lora_B) 97%", "warn")
+
+
+def test_remedies_are_a_row_with_the_quarantined_count_and_the_budget_left(tmp_path):
+    from support_runs import write_events
+
+    from stabguard.cli.monitor import event_rows
+    from stabguard.trainer_state import load_run
+
+    write_hf_run(tmp_path, spiky_history())
+    write_events(tmp_path, [
+        ("core", "remedy", 19, "quarantine", {"remedy": "quarantine", "samples": ["t.jsonl:5"], "budget_left": 2}),
+        ("core", "remedy", 40, "cool down", {"remedy": "cool_down", "before": 1e-3, "after": 5e-4, "budget_left": 1}),
+        ("core", "remedy", 90, "cool-down ended", {"remedy": "cool_down_end"})])
+    (row,) = [r for r in event_rows(load_run(tmp_path)) if r.label == "healed"]
+    assert row.text == "2 remedies, 1 sample(s) quarantined; last at step 40: cool_down (1 left in the budget)"

@@ -57,12 +57,13 @@ def test_clip_line_from_the_option(tmp_path):
     assert horizontal_lines(fig.axes[1]) == {"alert 20": 20.0, "clip 0.5": 0.5}
 
 
-def test_markers_for_skips_alerts_rollbacks_and_a_stop(tmp_path):
+def test_markers_for_skips_alerts_rollbacks_remedies_and_a_stop(tmp_path):
     write_hf_run(tmp_path, stabguard_history(nan_steps=(150,)))
     alerts = (120, 125, 130)
     write_events(tmp_path, [("nonfinite", "skip", 150, "step 150 skipped: non-finite gradients", {})]
                  + [("grad_norm", "alert", s, "grad norm high", {"grad_norm": 12.0, "threshold": 10.0}) for s in alerts]
-                 + [("spike", "rollback", 200, "rolled back", {"loss": 9.5}), ("nonfinite", "stop", 290, "stopped", {})])
+                 + [("spike", "rollback", 200, "rolled back", {"loss": 9.5}), ("nonfinite", "stop", 290, "stopped", {}),
+                    ("core", "remedy", 200, "quarantine", {"remedy": "quarantine", "samples": ["t.jsonl:3"]})])
     fig, diagnosis = draw(load_run(tmp_path))
     (rejected,) = [c for c in fig.axes[0].collections if c.get_label() == "loss of a dropped step (not trained on)"]
     assert rejected.get_offsets().tolist() == [[200, 9.5]], "the rolled-back step's loss is marked beside its line"
@@ -71,6 +72,7 @@ def test_markers_for_skips_alerts_rollbacks_and_a_stop(tmp_path):
         assert vertical_lines(ax, COLORS["skip"]) == [150]
         assert vertical_lines(ax, COLORS["rollback"]) == [200]
         assert vertical_lines(ax, COLORS["stop"]) == [290]
+        assert vertical_lines(ax, COLORS["remedy"]) == [200]
     assert scatter_x(fig.axes[1], "alert") == list(alerts)
     assert horizontal_lines(fig.axes[1]) == {"alert 10": 10.0, "clip 1": 1.0}
     assert diagnosis.health == "trouble" and "stopped" in page_text(fig)

@@ -71,3 +71,26 @@ def test_missing_data_is_said_the_same_way_by_validate_check_and_run(tmp_path, t
     ran = CliRunner().invoke(main, ["run", str(recipe)])
     assert ran.exit_code == 1 and f"stabguard: refused: {said}" in ran.output
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_heal_needs_resume(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml"), "--heal"])
+    assert result.exit_code == 2 and "--heal applies a remedy to a resumed run: give --resume too" in result.output
+
+
+def test_resume_auto_starts_fresh_without_a_complete_checkpoint_and_resumes_the_newest_with_one(tmp_path):
+    import pytest
+
+    from stabguard.runner import resolve_resume
+    from stabguard.verdict import GuardError
+
+    (tmp_path / "checkpoint-4").mkdir()  # torn by a kill: no guard state
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert resolve_resume(tmp_path, "auto") is None
+    with pytest.raises(GuardError, match="--resume last: no complete checkpoint"):
+        resolve_resume(tmp_path, "last")
+    for step in (2, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("trainer_state.json", "stabguard_state.json"):
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+    assert resolve_resume(tmp_path, "auto") == resolve_resume(tmp_path, "last") == str(tmp_path / "checkpoint-3")
