@@ -129,6 +129,7 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         ``"auto"``: that one when there is one, else a fresh start (for ``torchrun --max-restarts``).
     :param heal: resuming from a STOP's checkpoint, apply the recovery's next remedy at the first step.
     """
+    join_restarted_job()
     recipe, plugins = prepare(recipe_path, plugins)
     enabled = plugins.enable_guards(recipe.guards)
     output_dir = Path(recipe.training["output_dir"])
@@ -164,6 +165,35 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         events.close()
         if events.echo is not None:
             events.echo.flush()
+
+
+def join_restarted_job() -> None:
+    """Under ``torchrun --max-restarts``, a restarted attempt joins its process group under a prefix of its own.
+
+    torchrun's agent keeps one store for the whole job, and it still holds the keys the killed attempt's
+    ranks wrote (gloo: each rank's address), so a restarted rank read a dead address and the restart failed
+    ("Connection refused"; torch 2.14.1). The first attempt is left to accelerate, as always.
+    """
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "RANK" not in os.environ or not dist.is_available() or dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts and rank == 0, timeout=datetime.timedelta(minutes=10))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"stabguard/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
+    say(f"restart {attempt} of this torchrun job: rank {rank} joined")
 
 
 def exception_text(exc: Exception) -> str:
