@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -402,16 +403,22 @@ def cell(r: Result, clean: Result, plain: Result) -> str:
 def write_report(out: Path, results, scenarios, arms, total: float, opts, missing=()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(out.with_suffix(".png"), results, scenarios, arms)
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores (torch {torch.get_num_threads()} threads), "
-               f"no GPU, load average {os.getloadavg()[0]:.1f}" if not torch.cuda.is_available()
-               else torch.cuda.get_device_name())
     text = TEMPLATE.format(
         command="python bench/instability.py" + (f" --only {opts.only}" if opts.only else ""),
-        total=total / 60, machine=machine, torch=torch.__version__, transformers=transformers.__version__,
+        total=total / 60, machine=machine_text(), torch=torch.__version__, transformers=transformers.__version__,
         steps=STEPS, table="\n".join(table(results, scenarios, arms))
         + (f"\n\nNot run (the command was stopped before them): {', '.join(missing)}." if missing else ""),
         scenarios="\n".join(f"| {s.name} | {s.what} |" for s in scenarios), png=out.with_suffix(".png").name)
-    out.write_text(text, encoding="utf-8")
+    kept = re.search(r"<!-- recovery: .*?<!-- /recovery -->", out.read_text(encoding="utf-8"), re.S) \
+        if out.exists() else None  # bench/recovery.py's section
+    out.write_text(text + (f"\n{kept.group(0)}\n" if kept else ""), encoding="utf-8")
+
+
+def machine_text() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores (torch {torch.get_num_threads()} threads), "
+            f"no GPU, load average {os.getloadavg()[0]:.1f}")
 
 
 def plot(path: Path, results, scenarios, arms) -> None:

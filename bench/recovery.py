@@ -1,0 +1,218 @@
+"""Recovery on a warm model: where today's stabguard STOPs, does the healing one finish, and how well?
+
+    python bench/recovery.py             # writes its section of docs/benchmarks.md
+    python bench/recovery.py --lrs 3e-2,1e-1,3e-1 --out /tmp/bench.md
+
+The model is the warm tiny Qwen3-VL (``stabguard.testing.warm``: the random tiny model after a 300-step
+deterministic warm-up on the 64 synthetic boards, cached by content hash): it has learned the answer
+format, so a poisoned answer and a too-high learning rate hurt it as they hurt a real model. On it, the
+same LoRA fine-tune as ``bench/instability.py`` (r=8, torch AdamW, lr 3e-3 cosine, batch 2 x 2
+accumulation, seed 0), for 96 optimizer steps (6 epochs), in five arms: the plain Trainer, ms-swift's and
+OLMo-core's step guards (``bench/baselines.py``), stabguard as it stopped before recovery (``[recovery]
+enabled = false``) and stabguard with its default recovery. Both stabguard arms use the spike window 8
+(min_history 5) and torch AdamW, as in ``bench/instability.py``.
+
+Scenarios (every one natural but ``damage-x4``, which is a fault injected after the update):
+
+- ``poisoned``: one sample's last answer replaced by 200 random characters in the data file itself: the
+  same sample, every epoch;
+- ``lr-NNN``: the learning rate raised, clipping off (``max_grad_norm = 0``) in every arm; each rate of
+  ``--lrs`` is run, as a search for one that diverges on its own;
+- ``damage-x4``: noise (std 0.5) on every adapter after the updates of steps 20, 35, 50 and 65.
+
+Per run: the final loss (mean loss of 8 fixed clean training samples) against the same arm's clean run,
+steps lost (beyond the clean run's), remedies applied, and how the run ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import instability  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from instability import Faults, FaultyCollator, Ledger, Result, Scenario, build_plain, make_probe  # noqa: E402
+
+ARMS = ("plain", "ms-swift", "OLMo-core", "stabguard, no recovery", "stabguard")
+STEPS = 96
+POISONED_LINE = 7
+instability.STEPS = STEPS  # sections() and the lost-step count of instability's helpers read it
+
+
+def scenarios(lrs: list[float]) -> list[Scenario]:
+    found = [Scenario("clean", "no fault"),
+             Scenario("poisoned", f"line {POISONED_LINE}'s last answer is 200 random characters (every epoch)",
+                      natural=True),
+             Scenario("damage-x4", "noise (std 0.5) on every adapter after steps 20, 35, 50, 65",
+                      damage=(20, 35, 50, 65))]
+    found += [Scenario(f"lr-{lr:g}", f"lr {lr:g} ({lr / 3e-3:g}x), no clipping (max_grad_norm 0)",
+                       training={"learning_rate": lr, "max_grad_norm": 0.0}, natural=True) for lr in lrs]
+    return found
+
+
+def poisoned_copy(train: Path, folder: Path) -> Path:
+    """The training file with one sample's last answer replaced by random characters (its images linked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "images").exists():
+        (folder / "images").symlink_to(train.parent / "images")
+    rows = train.read_text(encoding="utf-8").splitlines()
+    row = json.loads(rows[POISONED_LINE - 1])
+    garbage = random.Random(0)
+    row["messages"][-1]["content"] = "".join(garbage.choice(string.ascii_letters + string.digits + " ")
+                                             for _ in range(200))
+    rows[POISONED_LINE - 1] = json.dumps(row)
+    out = folder / "train.jsonl"
+    out.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return out
+
+
+def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario):
+    """instability.build, with the two stabguard arms told apart by their recovery."""
+    parts = instability.sections(assets, out, scenario)
+    if arm.startswith("stabguard"):
+        trainer, holder, attr = build_stabguard(parts, recovery=arm == "stabguard")
+    else:
+        trainer, holder, attr = build_plain(parts, arm)
+    faults, ledger = Faults(scenario, lambda: trainer.state), Ledger()
+    setattr(holder, attr, FaultyCollator(getattr(holder, attr), faults))
+    faults.install(trainer.model)
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    trainer.add_callback(faults)
+    trainer.add_callback(ledger)
+    return trainer, ledger
+
+
+def build_stabguard(parts: dict, recovery: bool):
+    from stabguard.events import EventLog
+    from stabguard.manager import Plugins
+    from stabguard.recipe import Recipe, RecoverySection
+    from stabguard.runner import build_trainer
+
+    plugins = Plugins.for_recipe(autoload=False)
+    recipe = Recipe(**parts, guards=instability.stabguard_guards(plugins), recovery=RecoverySection(enabled=recovery))
+    plugins.enable_guards(recipe.guards)
+    events = EventLog(Path(parts["training"]["output_dir"]) / "events.jsonl")
+    args = transformers.TrainingArguments(**recipe.training_arguments())
+    plugins.hook.configure(recipe=recipe, events=events)
+    trainer = build_trainer(recipe, plugins, events, args)
+    return trainer, trainer.data_collator, "collator"
+
+
+def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, probe) -> tuple[Result, list[str]]:
+    transformers.logging.set_verbosity_error()
+    trainer, ledger = build(arm, assets, out, scenario)
+    start, outcome = time.perf_counter(), "finished"
+    try:
+        trainer.train()
+    except Exception as exc:  # a peer crashing is a result too
+        outcome = f"crashed: {type(exc).__name__}"
+    wall = time.perf_counter() - start
+    if getattr(trainer, "stop_reason", None):
+        outcome = f"stopped at step {trainer.state.global_step + 1}"
+    finite = all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad)
+    lost = len(ledger.lost) + (STEPS - trainer.state.global_step)
+    remedies = [f"{e['values']['remedy']}@{e['step']}" for e in getattr(trainer, "events", None).of_kind("remedy")
+                if e["values"]["remedy"] != "cool_down_end"] if arm.startswith("stabguard") else []
+    result = Result(arm, scenario.name, bool(finite), probe(trainer.model), trainer.state.global_step, lost, wall,
+                    outcome, ledger.losses)
+    return result, remedies
+
+
+def cell(r: Result, clean: Result, remedies: list[str]) -> str:
+    loss = "**NaN weights**" if not r.finite else f"{r.final_loss:.3f} ({r.final_loss - clean.final_loss:+.3f})"
+    healed = f"; remedies: {', '.join(remedies)}" if remedies else ""
+    ended = "" if r.outcome == "finished" else f"; **{r.outcome}**"
+    return f"{loss}; lost {r.lost - clean.lost}{healed}{ended}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="learning rates to try (clipping off)")
+    parser.add_argument("--only", default="", help="comma-separated scenario names (clean is always run)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    from stabguard.testing.warm import warm_tiny_assets
+
+    began = time.perf_counter()
+    warm = warm_tiny_assets()
+    found = scenarios([float(x) for x in opts.lrs.split(",") if x])
+    wanted = set(filter(None, opts.only.split(","))) | {"clean"}
+    found = [s for s in found if not opts.only or s.name in wanted]
+    rows: list[tuple[Scenario, dict]] = []
+    with tempfile.TemporaryDirectory(prefix="stabguard-recovery-") as tmp:
+        poisoned = {**warm, "train": poisoned_copy(warm["train"], Path(tmp) / "poisoned")}
+        probe = make_probe(warm)
+        clean: dict[str, Result] = {}
+        for scenario in found:
+            assets = poisoned if scenario.name == "poisoned" else warm
+            cells = {}
+            for arm in ARMS:
+                out = Path(tmp) / "out" / f"{scenario.name}-{arm.replace(', ', '-').replace(' ', '')}"
+                result, remedies = run_one(arm, scenario, assets, out, probe)
+                clean.setdefault(arm, result)
+                cells[arm] = cell(result, clean[arm], remedies)
+                print(f"{scenario.name:<10} {arm:<24} {result.outcome:<20} loss {result.final_loss:8.4f} "
+                      f"lost {result.lost:3d} {' '.join(remedies)}", flush=True)
+            rows.append((scenario, cells))
+    section = report(rows, time.perf_counter() - began, opts, json.loads((warm["model"].parent / "warm.json").read_text()))
+    write_section(Path(opts.out), section)
+    print(f"\nwrote the recovery section of {opts.out} ({(time.perf_counter() - began) / 60:.1f} min)")
+    return 0
+
+
+def report(rows, total: float, opts, warm: dict) -> str:
+    lines = ["| scenario | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+    lines += [f"| **{s.name}**{' (natural)' if s.natural else ''} | " + " | ".join(c[a] for a in ARMS) + " |"
+              for s, c in rows]
+    lines += ["", "| scenario | what is wrong |", "|---|---|"] + [f"| {s.name} | {s.what} |" for s, _ in rows]
+    command = "python bench/recovery.py" + (f" --lrs {opts.lrs}" if opts.lrs != "3e-2,1e-1,3e-1" else "")
+    return RECOVERY.format(command=command + (f" --only {opts.only}" if opts.only else ""), total=total / 60,
+                           machine=instability.machine_text(), torch=torch.__version__,
+                           transformers=transformers.__version__, steps=STEPS, table="\n".join(lines),
+                           warm_steps=warm["steps"], first=warm["first_loss"], last=warm["last_50_loss"],
+                           seconds=warm["seconds"])
+
+
+BEGIN, END = "<!-- recovery: written by bench/recovery.py -->", "<!-- /recovery -->"
+
+
+def write_section(out: Path, section: str) -> None:
+    """Replace this benchmark's section of ``out`` (bench/instability.py keeps it when it rewrites the rest)."""
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    block = f"{BEGIN}\n{section.strip()}\n{END}"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    out.write_text(text, encoding="utf-8")
+
+
+RECOVERY = """## Recovery on a warm model: today's STOP against the healing run
+
+Generated by `{command}` ({total:.1f} min on {machine}; torch {torch}, transformers {transformers}).
+
+The warm tiny Qwen3-VL (`stabguard.testing.warm`: {warm_steps} full fine-tuning steps on the 64 boards,
+loss {first:.2f} -> {last:.2f}, {seconds:.0f} s, cached by content hash), then a LoRA fine-tune for {steps} optimizer
+steps in every arm. Each cell: final loss (mean loss of 8 fixed clean training samples) and, in brackets,
+its difference from the same arm's clean run; steps lost beyond the clean run's (skipped, rolled back, not
+run, or leaving non-finite weights); the remedies applied (name@step) and how the run ended when it did not
+finish. "stabguard, no recovery" is stabguard as it was before recovery (`[recovery] enabled = false`);
+"stabguard" has its default recovery (budget 3 remedies per 500 steps).
+
+{table}
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
