@@ -77,11 +77,11 @@ def poisoned_copy(train: Path, folder: Path) -> Path:
     return out
 
 
-def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario):
+def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario, recovery: dict):
     """instability.build, with the two stabguard arms told apart by their recovery."""
     parts = instability.sections(assets, out, scenario)
     if arm.startswith("stabguard"):
-        trainer, holder, attr = build_stabguard(parts, recovery=arm == "stabguard")
+        trainer, holder, attr = build_stabguard(parts, {**recovery, "enabled": arm == "stabguard"})
     else:
         trainer, holder, attr = build_plain(parts, arm)
     faults, ledger = Faults(scenario, lambda: trainer.state), Ledger()
@@ -93,14 +93,14 @@ def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario):
     return trainer, ledger
 
 
-def build_stabguard(parts: dict, recovery: bool):
+def build_stabguard(parts: dict, recovery: dict):
     from stabguard.events import EventLog
     from stabguard.manager import Plugins
     from stabguard.recipe import Recipe, RecoverySection
     from stabguard.runner import build_trainer
 
     plugins = Plugins.for_recipe(autoload=False)
-    recipe = Recipe(**parts, guards=instability.stabguard_guards(plugins), recovery=RecoverySection(enabled=recovery))
+    recipe = Recipe(**parts, guards=instability.stabguard_guards(plugins), recovery=RecoverySection(**recovery))
     plugins.enable_guards(recipe.guards)
     events = EventLog(Path(parts["training"]["output_dir"]) / "events.jsonl")
     args = transformers.TrainingArguments(**recipe.training_arguments())
@@ -109,9 +109,10 @@ def build_stabguard(parts: dict, recovery: bool):
     return trainer, trainer.data_collator, "collator"
 
 
-def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, probe) -> tuple[Result, list[str]]:
+def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, probe,
+            recovery: dict) -> tuple[Result, list[str]]:
     transformers.logging.set_verbosity_error()
-    trainer, ledger = build(arm, assets, out, scenario)
+    trainer, ledger = build(arm, assets, out, scenario, recovery)
     start, outcome = time.perf_counter(), "finished"
     try:
         trainer.train()
@@ -119,7 +120,7 @@ def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, pr
         outcome = f"crashed: {type(exc).__name__}"
     wall = time.perf_counter() - start
     if getattr(trainer, "stop_reason", None):
-        outcome = f"stopped at step {trainer.state.global_step + 1}"
+        outcome = f"stopped at step {trainer.state.global_step}"
     finite = all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad)
     lost = len(ledger.lost) + (STEPS - trainer.state.global_step)
     remedies = [f"{e['values']['remedy']}@{e['step']}" for e in getattr(trainer, "events", None).of_kind("remedy")
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lrs", default="3e-2,1e-1,3e-1", help="learning rates to try (clipping off)")
     parser.add_argument("--only", default="", help="comma-separated scenario names (clean is always run)")
+    parser.add_argument("--recovery", default="{}", help="the healing arm's [recovery] as JSON, e.g. "
+                        "'{\"remedies\": [\"cool_down\"]}' (default: stabguard's defaults)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
     opts = parser.parse_args(argv)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = {}
             for arm in ARMS:
                 out = Path(tmp) / "out" / f"{scenario.name}-{arm.replace(', ', '-').replace(' ', '')}"
-                result, remedies = run_one(arm, scenario, assets, out, probe)
+                result, remedies = run_one(arm, scenario, assets, out, probe, json.loads(opts.recovery))
                 clean.setdefault(arm, result)
                 cells[arm] = cell(result, clean[arm], remedies)
                 print(f"{scenario.name:<10} {arm:<24} {result.outcome:<20} loss {result.final_loss:8.4f} "
@@ -178,7 +181,8 @@ def report(rows, total: float, opts, warm: dict) -> str:
     lines += [f"| **{s.name}**{' (natural)' if s.natural else ''} | " + " | ".join(c[a] for a in ARMS) + " |"
               for s, c in rows]
     lines += ["", "| scenario | what is wrong |", "|---|---|"] + [f"| {s.name} | {s.what} |" for s, _ in rows]
-    command = "python bench/recovery.py" + (f" --lrs {opts.lrs}" if opts.lrs != "3e-2,1e-1,3e-1" else "")
+    command = "python bench/recovery.py" + (f" --lrs {opts.lrs}" if opts.lrs != "3e-2,1e-1,3e-1" else "") \
+        + (f" --recovery '{opts.recovery}'" if opts.recovery != "{}" else "")
     return RECOVERY.format(command=command + (f" --only {opts.only}" if opts.only else ""), total=total / 60,
                            machine=instability.machine_text(), torch=torch.__version__,
                            transformers=transformers.__version__, steps=STEPS, table="\n".join(lines),
@@ -211,6 +215,15 @@ finish. "stabguard, no recovery" is stabguard as it was before recovery (`[recov
 "stabguard" has its default recovery (budget 3 remedies per 500 steps).
 
 {table}
+
+How to read it: the clean run loses its first step in every arm (warm-up's learning rate is 0 there). A
+poisoned sample and damaging updates show as loss spikes on the warm model; without recovery the spike
+guard rolls back three times and stops, saving the last verified state; with it the run goes on. The
+`lr-*` rows are a search for a learning rate that diverges on its own (clipping off in every arm): a rate
+whose loss is high from the first steps never looks like a spike to a loss window that has seen nothing
+else, so no guard acts and every arm ends alike; a rate that diverges after a good start is caught, and
+the row says whether the budget's remedies were enough. `--recovery` sets the healing arm's `[recovery]`
+table (JSON) to try another policy.
 """
 
 

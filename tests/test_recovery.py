@@ -123,13 +123,13 @@ class SmallerSteps:
         return {"before": before, "after": self.steps}
 
 
-def test_a_guards_remedy_is_applied_by_the_core_and_recorded(tmp_path, tiny_assets):
-    mine = SmallerSteps()
-    result, _ = run_guarded(tmp_path, tiny_assets, LossFault(at={5, 6}, scale=50.0), mine,
-                            training={"max_steps": 8}, guards={"spike": SPIKE})
-    assert result.ok and mine.steps == 4 and [s for s, _ in mine.seen] == [6]
-    (applied,) = remedies(result.output_dir)
-    assert applied["guard"] == "mine" and applied["step"] == 6
+def test_a_guards_remedy_is_applied_by_the_core_and_recorded(run_guard):
+    mine = SmallerSteps()  # driven as a third party would: stabguard.testing's run_guard fixture
+    run = run_guard(mine, steps=8, builtins=("spike",), options={"spike": SPIKE},
+                    extra=(LossFault(at={5, 6}, scale=50.0),))
+    assert run.ok and mine.steps == 4 and [s for s, _ in mine.seen] == [6]
+    (applied,) = run.events_of("remedy")
+    assert applied["guard"] == "mine" and applied["step"] == 6 and run.verdicts[6] == "ROLLBACK"
     assert {k: applied["values"][k] for k in ("remedy", "before", "after", "evidence")} == {
         "remedy": "halve_steps", "before": 8, "after": 4, "evidence": "our guard's own evidence"}
     assert "after 1 rollbacks" in applied["values"]["trigger"], "the evidence: the STOP it healed"
