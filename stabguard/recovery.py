@@ -87,11 +87,11 @@ class Recovery:
         person who resumed (it counts in the budget, but is applied even when the budget is spent)."""
         evidence, self.pending = self.pending, None
         return [self._apply(Remedy(r.name, evidence, samples=r.samples, cursor=r.cursor), state, host)
-                for r in self._next_builtin(state.step)]
+                for r in self._next_builtin()]
 
     def next_remedy(self) -> str | None:
         """The built-in remedy a healable STOP (or ``--heal``) would use next."""
-        found = self._next_builtin(0)
+        found = self._next_builtin()
         return found[0].name if found else None
 
     def mask(self, ids: list[str], batch: dict, samples: list[dict]) -> list[str]:
@@ -129,7 +129,7 @@ class Recovery:
         if stopping and not proposed:
             proposed = [r for found in hook.propose_remedies(state=state, recovery=self, events=self.events)
                         for r in (found if isinstance(found, list) else [found]) if r is not None][:1]
-            proposed = proposed or self._next_builtin(state.step)
+            proposed = proposed or self._next_builtin()
         room = opts.budget - len([s for s, _ in self.applied if state.step - s < opts.budget_window])
         done = [self._apply(remedy, state, host) for remedy in proposed[:max(room, 0)]]
         if stopping and done:
@@ -152,7 +152,7 @@ class Recovery:
         return [Remedy("quarantine", f"in {self.options.repeat}+ rejected steps (steps {', '.join(map(str, steps))})",
                        samples=offenders)]
 
-    def _next_builtin(self, step: int) -> list[Remedy]:
+    def _next_builtin(self) -> list[Remedy]:
         """The next of ``remedies`` from the cursor (a quarantine with no new sample is passed over); the
         cursor moves past it once it is applied."""
         order = self.options.remedies

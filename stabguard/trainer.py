@@ -260,16 +260,17 @@ class GuardedTrainer:
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
-        _, verdict = self._data_verdict(inputs)
+        _, verdict = self._data_verdict(inputs, training=False)
         if verdict is not None and verdict.action == Action.STOP:  # evaluation data: the next step stops
             self.guarded.held.append(verdict)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
-    def _data_verdict(self, inputs) -> tuple[list[str], Verdict | None]:
+    def _data_verdict(self, inputs, training: bool = True) -> tuple[list[str], Verdict | None]:
         """``post_collate`` in the main process, on the batch's CPU tensors, before the model sees it.
 
-        Returns the batch's sample ids and the data hooks' combined verdict. Labels a guard changed on the
-        CPU (a sample skipped) are copied to the device batch; unchanged ones cost nothing.
+        Returns the batch's sample ids (those it trains on) and the data hooks' combined verdict. Labels a
+        guard changed on the CPU (a sample skipped) are copied to the device batch; unchanged ones cost
+        nothing. In training, quarantined samples are masked after the guards saw them.
         """
         verdicts = [v for v in [inputs.pop(VERDICT_KEY, None)] if v is not None]
         collated = inputs.pop(COLLATED_KEY, None)
@@ -282,7 +283,7 @@ class GuardedTrainer:
             verdicts += self.plugins.hook.post_collate(batch=cpu, samples=collated.samples, events=self.events)
         except HookError as exc:
             verdicts.append(self.guarded.failed(exc, None, ids))
-        if masked := self.guarded.recovery.mask(ids, cpu, collated.samples):  # after the guards audited them
+        if training and (masked := self.guarded.recovery.mask(ids, cpu, collated.samples)):
             self._all_quarantined = len(masked) == len(ids)
             ids = [i for i in ids if i not in masked]
             self.events.record("core", "info", f"quarantined sample(s) in this batch, masked (no loss, no "
