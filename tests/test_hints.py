@@ -26,7 +26,7 @@ def by_topic(hints: list[str]) -> dict[str, str]:
 def test_a_run_nan_from_step_1_points_at_files_and_data_first(tmp_path, tiny_assets, monkeypatch):
     """Through ``stabguard run``, which prints the hints on STOP."""
     real_run, fault = stabguard.runner.run, GradFault(range(1, 20), value=float("nan"))
-    monkeypatch.setattr(stabguard.runner, "run", lambda recipe, resume=None: real_run(
+    monkeypatch.setattr(stabguard.runner, "run", lambda recipe, resume=None, heal=False: real_run(
         recipe, resume=resume, plugins=guard_plugins(fault)))
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_recipe(tiny_assets, tmp_path / "out", **NAN_EVERY_STEP))
     result = CliRunner().invoke(command, [str(recipe)])

@@ -118,7 +118,7 @@ class RaisesAt:
 def test_a_hook_that_raises_ends_the_run_with_its_name_and_a_checkpoint(tmp_path, tiny_assets, monkeypatch,
                                                                          exc, code, word):
     real_run, plugin = stabguard.runner.run, RaisesAt(3, exc)
-    monkeypatch.setattr(stabguard.runner, "run", lambda recipe, resume=None: real_run(
+    monkeypatch.setattr(stabguard.runner, "run", lambda recipe, resume=None, heal=False: real_run(
         recipe, resume=resume, plugins=guard_plugins(plugin)))
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_recipe(tiny_assets, tmp_path / "out",
                                                                 training={"max_steps": 5}))
