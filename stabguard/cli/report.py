@@ -150,6 +150,10 @@ def run_facts(run: RunState, clip: float | None, alert: float) -> list[str]:
              f"{len(run.history)} training log lines; {clipped}; alert line at grad norm {alert:g}"]
     if run.events or run.column(metrics.SKIPPED_STEPS):
         facts.append(f"steps without an update: {dropped_text(*dropped_counts(run))}")
+    remedies = [e for e in run.events_of("remedy") if (e.get("values") or {}).get("remedy") != "cool_down_end"]
+    if remedies:
+        named = ", ".join(f"{(e.get('values') or {}).get('remedy')} at step {e.get('step')}" for e in remedies)
+        facts.append(f"healed instead of stopping: {named}")
     return facts + [""]
 
 

@@ -12,7 +12,9 @@ model and data, built once per session) and ``run_guard`` (:func:`run_guard` bou
 :func:`run_probe` runs ``stabguard check --probe`` on a recipe with the plugin under test, for a guard
 that adds its own probe findings (the ``probe`` hook).
 
-Hypothesis strategies for Qwen-style conversations are in :mod:`stabguard.testing.strategies`.
+Hypothesis strategies for Qwen-style conversations are in :mod:`stabguard.testing.strategies`. A warm tiny
+model (one that has learned the answer format, for faults a random model cannot show) is built and cached
+by :func:`stabguard.testing.warm.warm_tiny_assets`.
 """
 
 from __future__ import annotations

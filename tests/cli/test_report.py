@@ -68,6 +68,7 @@ def test_markers_for_skips_alerts_rollbacks_remedies_and_a_stop(tmp_path):
     (rejected,) = [c for c in fig.axes[0].collections if c.get_label() == "loss of a dropped step (not trained on)"]
     assert rejected.get_offsets().tolist() == [[200, 9.5]], "the rolled-back step's loss is marked beside its line"
     assert "steps without an update: 2 dropped: 1 skipped, 1 rolled back" in page_text(fig)
+    assert "healed instead of stopping: quarantine at step 200" in page_text(fig)
     for ax in fig.axes[:3]:
         assert vertical_lines(ax, COLORS["skip"]) == [150]
         assert vertical_lines(ax, COLORS["rollback"]) == [200]
