@@ -224,14 +224,15 @@ def stabguard_guards(plugins) -> dict:
     return opts
 
 
-def build_stabguard(parts: dict):
+def build_stabguard(parts: dict, recovery: dict | None = None):
+    """GuardTrainer as ``stabguard run`` builds it; ``recovery``: its ``[recovery]`` table (default: on)."""
     from stabguard.events import EventLog
     from stabguard.manager import Plugins
-    from stabguard.recipe import Recipe
+    from stabguard.recipe import Recipe, RecoverySection
     from stabguard.runner import build_trainer
 
     plugins = Plugins.for_recipe(autoload=False)
-    recipe = Recipe(**parts, guards=stabguard_guards(plugins))
+    recipe = Recipe(**parts, guards=stabguard_guards(plugins), recovery=RecoverySection(**(recovery or {})))
     plugins.enable_guards(recipe.guards)
     events = EventLog(Path(parts["training"]["output_dir"]) / "events.jsonl")
     args = transformers.TrainingArguments(**recipe.training_arguments())
@@ -267,10 +268,10 @@ def build_plain(parts: dict, arm: str):
     return trainer, trainer, "data_collator"
 
 
-def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario):
+def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario, recovery: dict | None = None):
     """A ready trainer of ``arm`` with the scenario's faults installed; and the ledger."""
     parts = sections(assets, out, scenario)
-    trainer, holder, attr = build_stabguard(parts) if arm == "stabguard" else build_plain(parts, arm)
+    trainer, holder, attr = build_stabguard(parts, recovery) if arm == "stabguard" else build_plain(parts, arm)
     faults, ledger = Faults(scenario, lambda: trainer.state), Ledger()
     setattr(holder, attr, FaultyCollator(getattr(holder, attr), faults))  # inside stabguard's hooks
     faults.install(trainer.model)
@@ -298,6 +299,11 @@ class Result:
 def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, probe) -> Result:
     transformers.logging.set_verbosity_error()
     trainer, ledger = build(arm, assets, out, scenario)
+    return train_and_measure(trainer, ledger, arm, scenario, probe)
+
+
+def train_and_measure(trainer, ledger: Ledger, arm: str, scenario: Scenario, probe) -> Result:
+    """Train to the end (a crash is a result too) and read what the run left: weights, loss, lost steps."""
     start, outcome = time.perf_counter(), "finished"
     try:
         trainer.train()

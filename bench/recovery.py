@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import instability  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from instability import Faults, FaultyCollator, Ledger, Result, Scenario, build_plain, make_probe  # noqa: E402
+from instability import Result, Scenario, make_probe  # noqa: E402
 
 ARMS = ("plain", "ms-swift", "OLMo-core", "stabguard, no recovery", "stabguard")
 STEPS = 96
@@ -78,55 +78,19 @@ def poisoned_copy(train: Path, folder: Path) -> Path:
 
 
 def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario, recovery: dict):
-    """instability.build, with the two stabguard arms told apart by their recovery."""
-    parts = instability.sections(assets, out, scenario)
+    """instability.build; the two stabguard arms told apart by their ``[recovery]``."""
     if arm.startswith("stabguard"):
-        trainer, holder, attr = build_stabguard(parts, {**recovery, "enabled": arm == "stabguard"})
-    else:
-        trainer, holder, attr = build_plain(parts, arm)
-    faults, ledger = Faults(scenario, lambda: trainer.state), Ledger()
-    setattr(holder, attr, FaultyCollator(getattr(holder, attr), faults))
-    faults.install(trainer.model)
-    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-    trainer.add_callback(faults)
-    trainer.add_callback(ledger)
-    return trainer, ledger
-
-
-def build_stabguard(parts: dict, recovery: dict):
-    from stabguard.events import EventLog
-    from stabguard.manager import Plugins
-    from stabguard.recipe import Recipe, RecoverySection
-    from stabguard.runner import build_trainer
-
-    plugins = Plugins.for_recipe(autoload=False)
-    recipe = Recipe(**parts, guards=instability.stabguard_guards(plugins), recovery=RecoverySection(**recovery))
-    plugins.enable_guards(recipe.guards)
-    events = EventLog(Path(parts["training"]["output_dir"]) / "events.jsonl")
-    args = transformers.TrainingArguments(**recipe.training_arguments())
-    plugins.hook.configure(recipe=recipe, events=events)
-    trainer = build_trainer(recipe, plugins, events, args)
-    return trainer, trainer.data_collator, "collator"
+        return instability.build("stabguard", assets, out, scenario, {**recovery, "enabled": arm == "stabguard"})
+    return instability.build(arm, assets, out, scenario)
 
 
 def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, probe,
             recovery: dict) -> tuple[Result, list[str]]:
     transformers.logging.set_verbosity_error()
     trainer, ledger = build(arm, assets, out, scenario, recovery)
-    start, outcome = time.perf_counter(), "finished"
-    try:
-        trainer.train()
-    except Exception as exc:  # a peer crashing is a result too
-        outcome = f"crashed: {type(exc).__name__}"
-    wall = time.perf_counter() - start
-    if getattr(trainer, "stop_reason", None):
-        outcome = f"stopped at step {trainer.state.global_step}"
-    finite = all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad)
-    lost = len(ledger.lost) + (STEPS - trainer.state.global_step)
-    remedies = [f"{e['values']['remedy']}@{e['step']}" for e in getattr(trainer, "events", None).of_kind("remedy")
+    result = instability.train_and_measure(trainer, ledger, arm, scenario, probe)
+    remedies = [f"{e['values']['remedy']}@{e['step']}" for e in trainer.events.of_kind("remedy")
                 if e["values"]["remedy"] != "cool_down_end"] if arm.startswith("stabguard") else []
-    result = Result(arm, scenario.name, bool(finite), probe(trainer.model), trainer.state.global_step, lost, wall,
-                    outcome, ledger.losses)
     return result, remedies
 
 
