@@ -4,7 +4,7 @@ Each framework module connects that framework's own extension point to two share
 step runs exactly as under ``stabguard run``:
 
 - :class:`GuardSettings`: which guards, with which options, and which plugin modules; the same tables a
-  recipe holds (``plugins = [...]``, ``[guards.<name>]``, ``[snapshots]``), given inline or as the path
+  recipe holds (``plugins = [...]``, ``[guards.<name>]``, ``[snapshots]``, ``[recovery]``), given inline or as the path
   of a recipe (or of a TOML file holding only those tables). Checked before any model is loaded.
 - :func:`guarded_trainer`: the framework's own trainer class with the guarded step and the settings bound,
   so that the framework builds it with its own arguments.
@@ -24,7 +24,7 @@ RECIPE_ENV, GUARDS_ENV, PLUGINS_ENV = "STABGUARD_RECIPE", "STABGUARD_GUARDS", "S
 
 class GuardSettings(BaseModel):
     """What a framework run guards. ``recipe``: a TOML file whose ``plugins``, ``[guards.*]``,
-    ``[snapshots]`` and ``max_consecutive_skips`` are used (its other sections are ignored); the keys given
+    ``[snapshots]``, ``[recovery]`` and ``max_consecutive_skips`` are used (its other sections are ignored); the keys given
     here win over it. No guards named anywhere: mask, grad_norm, nonfinite and spike, with their defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -35,13 +35,27 @@ class GuardSettings(BaseModel):
     max_consecutive_skips: int = Field(default=20, ge=1)
     snapshot_every: int = Field(default=1, ge=0)
     snapshot_offload: bool = False
+    recovery: dict[str, Any] | None = None  # the [recovery] table; None: its defaults
 
     @model_validator(mode="after")
     def _merge_recipe_and_check(self) -> GuardSettings:
         if self.recipe is not None:
             self._merge(self.recipe)
         self.make_plugins()  # unknown guards, bad options, missing modules: refused now, by key
+        self.recovery_section()
         return self
+
+    def recovery_section(self):
+        """The ``[recovery]`` table, validated; errors name their key (``stabguard.recovery.<key>``)."""
+        from pydantic import ValidationError
+
+        from stabguard.recipe import RecoverySection
+
+        try:
+            return RecoverySection(**(self.recovery or {}))
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"stabguard.recovery.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in exc.errors())) from None
 
     def _merge(self, path: Path) -> None:
         from stabguard.recipe import read_toml
@@ -58,6 +72,8 @@ class GuardSettings(BaseModel):
             self.snapshot_every = snapshots.get("every", self.snapshot_every)
         if "snapshot_offload" not in given:
             self.snapshot_offload = snapshots.get("offload", self.snapshot_offload)
+        if "recovery" not in given and isinstance(raw.get("recovery"), dict):
+            self.recovery = raw["recovery"]
 
     def make_plugins(self):
         """A fresh plugin manager with these guards enabled (each trainer gets its own)."""
@@ -67,7 +83,7 @@ class GuardSettings(BaseModel):
 
     def step_kwargs(self) -> dict[str, Any]:
         return {"max_consecutive_skips": self.max_consecutive_skips, "snapshot_every": self.snapshot_every,
-                "snapshot_offload": self.snapshot_offload}
+                "snapshot_offload": self.snapshot_offload, "recovery": self.recovery_section()}
 
 
 def settings_from_env(environ=None) -> GuardSettings:

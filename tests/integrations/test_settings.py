@@ -15,11 +15,13 @@ from stabguard.integrations import GuardSettings, guarded_trainer, settings_from
 
 def test_a_recipe_s_guard_tables_are_used_and_explicit_keys_win(tmp_path):
     recipe = write_recipe(tmp_path / "guards.toml", {"plugins": ["stabguard.faults"], "max_consecutive_skips": 7,
-                                                     "snapshots": {"every": 3},
+                                                     "snapshots": {"every": 3}, "recovery": {"budget": 1},
                                                      "guards": {"nonfinite": {"max_consecutive": 2}, "faults": {}}})
     settings = GuardSettings(recipe=recipe, snapshot_every=0)
     assert settings.plugins == ["stabguard.faults"] and settings.guards["nonfinite"] == {"max_consecutive": 2}
-    assert settings.step_kwargs() == {"max_consecutive_skips": 7, "snapshot_every": 0, "snapshot_offload": False}
+    kwargs = settings.step_kwargs()
+    assert kwargs.pop("recovery").budget == 1, "the recipe's [recovery] table"
+    assert kwargs == {"max_consecutive_skips": 7, "snapshot_every": 0, "snapshot_offload": False}
     plugins = settings.make_plugins()
     assert plugins.guards["nonfinite"].instance.options.max_consecutive == 2 and plugins.guards["faults"].instance
     assert plugins.guards["mask"].instance is None, "named guards only, as in a recipe's tables"
@@ -35,6 +37,7 @@ def test_no_guards_named_gives_the_default_guards():
     ({"guards": {"nonfinite": {"max_consecutve": 2}}}, "stabguard.guards.nonfinite.max_consecutve"),
     ({"plugins": ["no_such_module_x"]}, "stabguard.plugins: "),
     ({"snapshot_evry": 2}, "snapshot_evry"),
+    ({"recovery": {"budgt": 2}}, "stabguard.recovery.budgt: Extra inputs are not permitted"),
 ])
 def test_bad_settings_are_refused_naming_the_key(given, key):
     with pytest.raises(ValidationError, match=key.replace(".", r"\.")):
