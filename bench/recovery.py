@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{scenario.name:<10} {arm:<24} {result.outcome:<20} loss {result.final_loss:8.4f} "
                       f"lost {result.lost:3d} {' '.join(remedies)}", flush=True)
             rows.append((scenario, cells))
-    section = report(rows, time.perf_counter() - began, opts, json.loads((warm["model"].parent / "warm.json").read_text()))
+    warmed = json.loads((warm["model"].parent / "warm.json").read_text())
+    section = report(rows, time.perf_counter() - began, opts, warmed)
     write_section(Path(opts.out), section)
     print(f"\nwrote the recovery section of {opts.out} ({(time.perf_counter() - began) / 60:.1f} min)")
     return 0

@@ -84,9 +84,11 @@ def test_healable_stops_take_the_remedies_in_order_then_the_spent_budget_stops_w
     assert cool["after"] == pytest.approx(cool["before"] * 0.5) and (clip["before"], clip["after"]) == (1.0, 0.5)
     assert probe.verdicts[5] == probe.verdicts[6] == probe.verdicts[7] == "ROLLBACK"
     assert probe.lrs[7] == pytest.approx(probe.lrs[6] * 0.5), "the cooled rate is in force at the next step"
-    assert result.stop_reason.startswith("step 8: spike:") and "recovery budget spent (2 remedies" in result.stop_reason
+    assert result.stop_reason.startswith("step 8: spike:")
+    assert "recovery budget spent (2 remedies" in result.stop_reason
     saved = json.loads((result.output_dir / "checkpoint-7" / "stabguard_state.json").read_text())
-    assert saved["verified_step"] == 3 and saved["recovery"]["clip"] == 0.5 and saved["recovery"]["cool"]["factor"] == 0.5
+    assert saved["verified_step"] == 3
+    assert saved["recovery"]["clip"] == 0.5 and saved["recovery"]["cool"]["factor"] == 0.5
     assert result.trainer.lr_scheduler.base_lrs == [pytest.approx(0.5e-3)] * 2, "the scheduler's shape, scaled"
 
 
