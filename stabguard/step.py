@@ -199,6 +199,8 @@ class GuardedStep:
         host.unscale_gradients()
         grad_norm = engine.grad_norm(model)
         loss = torch.stack(self.micro_losses).sum() if self.micro_losses else torch.zeros((), device=grad_norm.device)
+        if 0 < self.micro_quarantined < self.micro_batches:  # a wholly quarantined micro-batch's 0 is no loss
+            loss = loss * (self.micro_batches / (self.micro_batches - self.micro_quarantined))
         state = StepState(step=host.next_step(), grad_norm=grad_norm, loss=loss, model=model,
                           optimizer=host.optimizer, samples=self.samples,
                           loss_scaled=seams.grad_scaler(host.optimizer) is not None)

@@ -16,7 +16,10 @@ SCENARIO "faults": the faults hit the last rank only, each of a kind that leaves
 step-2 checkpoint, the same fault at its first step (3). "stop": a guard stops the run at step 3.
 "after-stop": "stop" resumed from its checkpoint. "mixed": 6 steps on image and text-only samples.
 "post_collate" / "pre_step": a plugin raises in that hook on one rank only (rank 1 at its 3rd collated
-batch / rank 0 at step 3). "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP checks
+batch / rank 0 at step 3). "heal": the last rank's loss spikes x50 at steps 4, 6 and 8 (of 9) with
+``max_rollbacks = 1``: a rollback, then two healable STOPs healed by the recovery (every other scenario
+runs with ``[recovery] enabled = false``: on 6 samples, step faults put the same sample in two rejected
+steps by chance). "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP checks
 stabguard.engine against the gathered tensors, with a NaN in rank 1's local gradient shard.
 
 Each rank writes OUT_DIR/rank<r>_<scenario>.json: per step the verdicts, the guards' norm and the norm of
@@ -208,6 +211,8 @@ def scenario(name: str, out: Path, last: int, ga: int, per_epoch: int):
         "mixed": lambda: ([], {"max_steps": 6}, None),
         "post_collate": lambda: ([RaisesInPostCollate(rank=1, at=3)], {"max_steps": 8}, None),
         "pre_step": lambda: ([RaisesInPreStep(rank=0, at=3)], {"max_steps": 8}, None),
+        "heal": lambda: ([LossFault(at=first(4) | first(6) | first(8), scale=50.0 * ga, rank=last)], {"max_steps": 9},
+                         None),
     }[name]()
 
 
@@ -265,13 +270,15 @@ def main(engine_name: str, model_dir: str, train: str, out_dir: str, name: str) 
                                           per_epoch=-(-rows // world))
     probe = EngineProbe()
     data = {"text_only_image": True} if "textimage" in engine_name.split("-") else {}
+    healing = name == "heal"
     recipe = tiny_recipe({"model": Path(model_dir), "train": Path(train)}, out / "run",
-                         training={**training, **overrides}, guards={"spike": SPIKE}, data=data)
+                         training={**training, **overrides}, data=data, recovery={"enabled": healing},
+                         guards={"spike": {**SPIKE, "max_rollbacks": 1} if healing else SPIKE})
     result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=guard_plugins(*plugins, probe),
                  resume=resume)
     trainer = result.trainer
     adapter = {n: float(t.double().sum()) for n, t in engine.gathered_trainable(trainer.model).items()}
-    events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info")]
+    events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info", "remedy")]
     report = {"rank": rank, "world_size": world, "ok": result.ok, "error": result.error, "run": result.run_id,
               "stop_reason": result.stop_reason, "global_step": result.global_step,
               "dropped_steps": result.dropped_steps, "skipped_steps": result.skipped_steps,
@@ -280,7 +287,7 @@ def main(engine_name: str, model_dir: str, train: str, out_dir: str, name: str) 
               "verdicts": probe.verdicts, "digests": probe.digests, "norms": probe.norms,
               "full_norms": probe.full_norms, "sharded": probe.sharded, "lrs": probe.lrs,
               "counters": probe.counters, "stale": probe.stale, "loaded": probe.loaded, "batches": probe.batches,
-              "adapter_sums": adapter,
+              "adapter_sums": adapter, "recovery": trainer.guarded.recovery.state_dict(),
               "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events]}
     (out / f"rank{rank}_{name}.json").write_text(json.dumps(report, indent=1))
     close_process_group()

@@ -66,3 +66,27 @@ def test_faults_on_one_rank_are_decided_alike_and_leave_no_trace(request, tmp_pa
             assert r["deepspeed"] and r["zero"] == ZERO[kind], "the Trainer ran DeepSpeed's ZeRO optimizer"
             assert r["counters"]["8"] == {"global_steps": 8, "skipped_steps": 3}, "DeepSpeed counted its own skips"
             assert set(r["stale"].values()) == {0}, "the model reads the weights the optimizer holds"
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_a_healable_stop_on_one_rank_is_healed_alike_on_every_rank(request, tmp_path, tiny_assets, engine):
+    """Recovery across ranks: the last rank's loss spikes at steps 4, 6 and 8 (max_rollbacks 1); the STOPs at
+    6 and 8 become rollbacks with a remedy, the same on every rank (samples gathered from every rank)."""
+    if engine in ZERO:
+        request.getfixturevalue("deepspeed_cpu_ops")
+    reports = engine_run(tmp_path, engine, "heal", tiny_assets, nproc=2)
+    first = reports[0]
+    dropped = {s: v for s, v in first["verdicts"].items() if v != "PROCEED"}
+    assert {s for s, v in dropped.items() if v == "ROLLBACK"} == {"4", "6", "8"}
+    skips = [e for e in first["events"] if e[0] == "skip"]  # 6 samples: a step may hold only quarantined ones
+    assert len(skips) == list(dropped.values()).count("SKIP")
+    assert all("every sample of this step is quarantined" in e[3] for e in skips)
+    for r in reports:
+        assert r["ok"] and r["global_step"] == 9 and r["verdicts"] == first["verdicts"]
+        assert r["recovery"] == first["recovery"], "one recovery state on every rank"
+        assert [s for s, _ in r["recovery"]["applied"]] == [6, 8] and r["recovery"]["quarantined"]
+        d = r["digests"]
+        assert d["4"] == d["2"] != d["3"] and d["6"] == d["4"] and d["8"] == d["6"], \
+            "each healed STOP restored this rank's part of the verified state"
+    steps = {s for q in first["recovery"]["quarantined"].values() for s in q["rejected_steps"]}
+    assert steps <= {4, 6, 8}, "quarantined for the rejected steps"

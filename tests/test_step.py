@@ -389,3 +389,22 @@ def test_the_step_s_checkpoint_state_round_trips():
     again, *_ = run_steps({}, 0)
     again.load_state_dict(saved)
     assert (again.skipped_steps, again.rollbacks, again.consecutive_skips) == (1, 1, 0)
+
+
+def test_a_wholly_quarantined_micro_batch_does_not_lower_the_step_loss_and_a_step_of_them_is_skipped():
+    from stabguard.events import EventLog
+    from stabguard.step import GuardedStep
+
+    step = GuardedStep(guard_plugins(guards=()), EventLog())
+    host, engine = FakeHost(), FakeEngine()
+    step.add_micro_batch([], None, quarantined=True)  # its loss is exactly 0 (GuardTrainer.compute_loss)
+    step.add_loss(torch.tensor(0.0))
+    step.add_micro_batch(["s2"], None)
+    step.add_loss(torch.tensor(3.5))  # as the Trainer scales it for 2 micro-batches
+    mixed = step.run(host, None, engine)
+    assert mixed.verdict.action == Action.PROCEED and mixed.host()["loss"] == 7.0, "the mean of the kept one"
+    host.step += 1
+    step.add_micro_batch([], None, quarantined=True)
+    step.add_loss(torch.tensor(0.0))
+    empty = step.run(host, None, engine)
+    assert empty.verdict.action == Action.SKIP and "every sample of this step is quarantined" in empty.verdict.reason
