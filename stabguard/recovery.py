@@ -30,7 +30,7 @@ import torch
 
 from stabguard import IGNORE_INDEX
 from stabguard.recipe import RecoverySection
-from stabguard.verdict import Action, Verdict
+from stabguard.verdict import Action, HookError, Verdict
 
 UNNAMED = "batch row "  # a row a framework built without an id: never quarantined (it names no sample)
 
@@ -168,7 +168,10 @@ class Recovery:
 
     def _apply(self, remedy: Remedy, state, host) -> dict:
         if remedy.apply is not None:
-            change = dict(remedy.apply() or {})
+            try:
+                change = dict(remedy.apply() or {})
+            except Exception as exc:  # the STOP stands; the core records the failure like a hook's
+                raise HookError("propose_remedies", remedy.by, exc) from exc
         elif remedy.name == "quarantine":
             change = self._quarantine(remedy, state.step)
         elif remedy.name == "cool_down":

@@ -196,3 +196,21 @@ def test_resume_with_heal_after_a_stop_applies_the_next_remedy_and_goes_on(tmp_p
     assert remedy["step"] == 6 and remedy["values"]["remedy"] == "quarantine"
     assert remedy["values"]["evidence"].startswith("asked with --heal after the STOP at step 6: spike:")
     assert len(remedy["values"]["samples"]) == 2 and rejected
+
+
+def test_a_guards_remedy_that_raises_leaves_the_stop_and_names_the_guard():
+    from stabguard.verdict import HookError, Verdict
+
+    def broken():
+        raise RuntimeError("no smaller batch")
+
+    class Proposes:
+        @staticmethod
+        def propose_remedies(state, recovery, events):
+            return [[Remedy("smaller_batch", "e", apply=broken, by="mine")]]
+
+    recovery = Recovery(RecoverySection(), EventLog())
+    state = type("S", (), {"step": 9, "verdict": Verdict.stop("spikes", "spike", healable=True)})()
+    with pytest.raises(HookError, match="no smaller batch") as err:
+        recovery.heal(state, ["s1"], host=None, hook=Proposes)
+    assert err.value.plugin == "mine" and state.verdict.action.name == "STOP" and not recovery.applied
