@@ -63,7 +63,7 @@ class Recovery:
         self.options, self.events = options or RecoverySection(), events
         self.rejected: dict[str, list[int]] = {}  # sample -> rejected steps it was in
         self.quarantined: dict[str, dict] = {}  # sample -> {"step": ..., "evidence": ...}
-        self.cool: dict | None = None  # {"factor": f, "until": step or None, "since": step}
+        self.cool: dict | None = None  # {"factor": f, "until": step, or None for the rest of the run}
         self.clip: float | None = None
         self.applied: list[list] = []  # [step, remedy name] of every remedy, for the budget
         self.cursor = 0  # the next built-in remedy a healable STOP uses
@@ -130,8 +130,7 @@ class Recovery:
             proposed = [r for found in hook.propose_remedies(state=state, recovery=self, events=self.events)
                         for r in (found if isinstance(found, list) else [found]) if r is not None][:1]
             proposed = proposed or self._next_builtin()
-        room = opts.budget - len([s for s, _ in self.applied if state.step - s < opts.budget_window])
-        done = [self._apply(remedy, state, host) for remedy in proposed[:max(room, 0)]]
+        done = [self._apply(remedy, state, host) for remedy in proposed[:max(self._room(state.step), 0)]]
         if stopping and done:
             names = ", ".join(d["remedy"] for d in done)
             state.verdict = Verdict(Action.ROLLBACK, f"{state.verdict.reason}; healed: {names}", state.verdict.guard)
@@ -156,9 +155,9 @@ class Recovery:
         """The next of ``remedies`` from the cursor (a quarantine with no new sample is passed over); the
         cursor moves past it once it is applied."""
         order = self.options.remedies
+        fresh = [s for s in self.since_remedy if s not in self.quarantined]
         for offset in range(len(order)):
             name = order[(self.cursor + offset) % len(order)]
-            fresh = [s for s in self.since_remedy if s not in self.quarantined]
             if name != "quarantine":
                 return [Remedy(name, "the run would have stopped", cursor=self.cursor + offset + 1)]
             if fresh:
@@ -182,12 +181,16 @@ class Recovery:
         self.since_remedy = []
         if remedy.cursor is not None:
             self.cursor = remedy.cursor
-        left = self.options.budget - len([s for s, _ in self.applied if state.step - s < self.options.budget_window])
+        left = self._room(state.step)
         record = {"remedy": remedy.name, "by": remedy.by, "evidence": remedy.evidence, "budget_left": left, **change}
         self.events.record(remedy.by, "remedy", f"step {state.step}: {remedy.name}: {_said(change)} "
                            f"({remedy.evidence}; {left} left in the budget)", step=state.step,
                            trigger=state.verdict.reason, **record)
         return record
+
+    def _room(self, step: int) -> int:
+        """Remedies the budget still allows at ``step``."""
+        return self.options.budget - sum(step - s < self.options.budget_window for s, _ in self.applied)
 
     def _quarantine(self, remedy: Remedy, step: int) -> dict:
         for sid in remedy.samples:
@@ -201,7 +204,7 @@ class Recovery:
         before, after = host.scale_lr(factor)
         total = factor * (self.cool["factor"] if self.cool else 1.0)
         until = step + self.options.cool_steps if self.options.cool_steps else None
-        self.cool = {"factor": total, "until": until, "since": self.cool["since"] if self.cool else step}
+        self.cool = {"factor": total, "until": until}
         return {"before": before, "after": after, "until": until}
 
     def _tighten_clip(self, host) -> dict:

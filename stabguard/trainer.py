@@ -289,8 +289,8 @@ class GuardedTrainer:
             self.events.record("core", "info", f"quarantined sample(s) in this batch, masked (no loss, no "
                                f"gradient): {', '.join(masked)}", step=self.state.global_step + 1, masked=masked)
             _to_device(cpu, inputs, "pixel_values")
-        if before is not None and cpu["labels"] is not inputs.get("labels") and not torch.equal(before, cpu["labels"]):
-            inputs["labels"] = cpu["labels"].to(inputs["labels"].device)
+        if before is not None and not torch.equal(before, cpu["labels"]):
+            _to_device(cpu, inputs, "labels")
         return ids, combine(verdicts) if verdicts else None
 
     def _clip_grad_norm(self, model):

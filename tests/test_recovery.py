@@ -166,7 +166,7 @@ def test_the_recovery_state_round_trips_through_json():
     recovery = Recovery(RecoverySection(), EventLog())
     recovery.quarantined = {"s": {"step": 2, "evidence": "e", "rejected_steps": [1, 2]}}
     recovery.rejected, recovery.clip, recovery.applied = {"s": [1, 2]}, 0.25, [[2, "quarantine"]]
-    recovery.cool = {"factor": 0.5, "until": 9, "since": 4}
+    recovery.cool = {"factor": 0.5, "until": 9}
     again = Recovery(RecoverySection(), EventLog())
     again.load_state_dict(json.loads(json.dumps(recovery.state_dict())))
     assert again.state_dict() == recovery.state_dict()
