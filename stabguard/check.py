@@ -17,6 +17,7 @@ import contextlib
 import io
 import itertools
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,22 +406,21 @@ def preflight(recipe_path: str | Path, *, gpu_mem: float = 80.0, rows: int = 64,
 
 
 def _probe(recipe, plugins, local, data_ok, report, batches, progress) -> None:
+    """The run's first step with its update vetoed (``stabguard.probe``), in a scratch output folder."""
     import sys
     import tempfile
 
     from stabguard.probe import probe
 
-    import os
-
     from stabguard.engine_check import engine_spec
 
-    engine = engine_spec(recipe.training).kind
-    why = ("the model is not a local folder" if not local else "the data has errors (see data)" if not data_ok else
-           f"it runs one process, and a {engine} recipe needs its ranks (probe it with the engine off)"
-           if engine != "single/ddp" else "it runs one process, not one per rank (run it without torchrun)"
-           if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    why = "the model is not a local folder" if not local else "the data has errors (see data)" if not data_ok else None
     if why:
-        report.add("probe", "warn" if local and data_ok else "info", f"not run: {why}")
+        report.add("probe", "info", f"not run: {why}")
+        return
+    if engine_spec(recipe.training).kind == "deepspeed" and "RANK" not in os.environ:
+        report.add("probe", "warn", "not run: a DeepSpeed recipe is probed on its ranks, as it runs: "
+                   f"torchrun --nproc-per-node N $(which stabguard) check {report.recipe} --probe")
         return
     if progress:
         progress("probe: loading the model and running the first batches", 0, 1)

@@ -136,14 +136,18 @@ def probe(recipe: Recipe, model: torch.nn.Module, batches: list[dict[str, torch.
           report: Callable[..., None], events: EventLog) -> None:
     """``stabguard check --probe`` asks each guard what one real forward and backward showed.
 
-    Fires once per probe, after the model was loaded and set up exactly as ``stabguard run`` does and the
-    recipe's first batches ran forward and backward with no optimizer step: each trainable parameter's
-    gradient is in ``p.grad``. Never fires during ``stabguard run``.
+    The probe is the run's first optimizer step, built exactly as ``stabguard run`` builds it (model,
+    engine, guards), with its update vetoed. This fires once, on every rank, when that step's gradients
+    are complete and before they are dropped: single device and DDP keep each trainable parameter's
+    gradient in ``p.grad``; FSDP2 its local shard (a DTensor); DeepSpeed ZeRO in its own partitions
+    (``p.grad`` is None: read one with ``deepspeed.utils.safe_get_full_grad``, a collective). Findings that
+    differ between ranks are shown with their ranks. Never fires during ``stabguard run``.
 
     :param recipe: the validated recipe.
-    :param model: the model as the run trains it (PEFT-wrapped, on its device), gradients filled.
-    :param batches: the probed batches, collated and on the model's device (keys starting with
-        ``stabguard_`` are the core's, not the model's).
+    :param model: the model as the run trains it (PEFT-wrapped, on its device; not the DDP or DeepSpeed
+        wrapper), gradients filled.
+    :param batches: this rank's probed micro-batches as the model received them (keyword arguments, on
+        the model's device).
     :param report: as in ``preflight``: ``report(level, message, *, check=None, details=(), **values)``.
     :param events: an in-memory event log (alerts recorded here are shown as warnings).
     :return: ignored; every implementation is called. An exception is reported as an error finding of

@@ -2,24 +2,28 @@
 GPU hours go.
 
 ``stabguard check`` never runs the model; the failures users report most often only show once it has run.
-The probe builds the trainer exactly as ``stabguard run`` would (quantization, LoRA, the guards' set-up
-hooks, the data collator), takes the first K batches of the training data and, without an optimizer step:
+The probe *is* the run's first optimizer step: it builds the trainer exactly as ``stabguard run`` does
+(quantization, LoRA, the guards' set-up hooks, the data collator, the recipe's engine: one device, DDP,
+FSDP2 or DeepSpeed ZeRO, on every rank under ``torchrun``), runs one step of the first K micro-batches of
+the training data through the guarded step, and vetoes its update (a SKIP; nothing is saved). A plugin
+of that run (:class:`StepRecorder`) sees:
 
-1. backpropagates them and names the trainable tensors that got no gradient, a zero one or a non-finite
-   one (a gradient path cut inside the model, unsloth#5039, ms-swift PR#10214);
-2. records max |output| per module in that forward, against fp16's range (65504) and the run's dtype:
-   the first module past it, or the headroom (QwenLM/Qwen3#868);
-3. compares the loss the Trainer would accumulate over the K batches (each passed ``num_items_in_batch``)
-   with the token-weighted mean worked out here from the logits: a forward that drops
+1. each trainable tensor's global gradient norm (the step's one norm pass has them): the tensors that got
+   no gradient, a zero one or a non-finite one (a gradient path cut inside the model, unsloth#5039,
+   ms-swift PR#10214), and frozen tensors that got one;
+2. max |output| per module in that forward, against fp16's range (65504) and the run's dtype: the first
+   module past it, or the headroom (QwenLM/Qwen3#868);
+3. the loss the Trainer accumulated over the K micro-batches (each passed ``num_items_in_batch``) against
+   the token-weighted cross-entropy of the very logits it came from: a forward that drops
    ``num_items_in_batch`` is off by about K (transformers#37766);
-4. checks the pixel values against the range the processor's normalisation gives: images rescaled twice
-   sit in a sliver of it (ms-swift#2280);
-5. matches the stack (torch, CUDA, GPU, attention, engine, precision) against ``known_bad.toml``;
-6. times the step, and on a GPU measures its peak memory.
+4. the pixel values against the range the processor's normalisation gives: images rescaled twice sit in
+   a sliver of it (ms-swift#2280);
+5. the stack (torch, CUDA, GPU, attention, engine, precision) against ``known_bad.toml``;
+6. the step's time and, on a GPU, its peak memory.
 
-Guards add their own findings through the ``probe`` hook (``vision_freeze``: no gradient reached the
-frozen tower). One process: FSDP2 and DeepSpeed recipes and checks under ``torchrun`` are not probed yet
-(``stabguard check`` says so); probe such a recipe with its engine off.
+The ranks' records are gathered (one collective) so every rank reports the same. Guards add their own
+findings through the ``probe`` hook, which fires on every rank once the gradients are complete
+(``vision_freeze``: no gradient reached the frozen tower).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any
 import torch
 
 from stabguard import IGNORE_INDEX
+from stabguard.hookspecs import hookimpl
+from stabguard.verdict import Verdict
 from stabguard.where import float_tensors, module_of, modules_of
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -46,37 +52,14 @@ PIXEL_SLIVER = 0.02  # pixel values spanning less than this share of the normali
 
 @dataclass
 class Gradients:
-    """Trainable tensors by what their gradient was after the probe's backward; frozen ones that got one."""
+    """Trainable tensors by what their gradient was after the probe's backward (LoRA A matrices whose B is
+    still all zero, as initialised, get a zero gradient by design: not listed); frozen ones that got one."""
 
     missing: list[str]
     zero: list[str]
     nonfinite: list[str]
     trainable: int
     frozen_with_grad: list[str]
-
-
-def gradient_reach(model: torch.nn.Module) -> Gradients:
-    """LoRA A matrices whose B is still all zero (as initialised) get a zero gradient by design: not listed."""
-    params = dict(model.named_parameters())
-    missing, zero, nonfinite, frozen, trainable = [], [], [], [], 0
-    for name, p in params.items():
-        if not p.requires_grad:
-            if p.grad is not None:
-                frozen.append(name)
-            continue
-        trainable += 1
-        if p.grad is None:
-            missing.append(name)
-        elif not bool(torch.isfinite(p.grad).all()):
-            nonfinite.append(name)
-        elif not bool(p.grad.any()) and not _b_is_zero(params, name):
-            zero.append(name)
-    return Gradients(missing, zero, nonfinite, trainable, frozen)
-
-
-def _b_is_zero(params: dict, name: str) -> bool:
-    b = params.get(name.replace(".lora_A.", ".lora_B.")) if ".lora_A." in name else None
-    return b is not None and not bool(b.detach().any())
 
 
 _PEFT_INSIDE = re.compile(r"\.(base_layer|lora_dropout|lora_[AB]|lora_embedding_[AB])(\.|$)")  # the wrapper speaks
@@ -159,11 +142,9 @@ def matches(when: dict[str, str], facts: dict[str, Any]) -> bool:
     return True
 
 
-def stack_facts(recipe, model) -> dict[str, Any]:
-    """What the known-bad table is matched on, for this process."""
+def environment_facts() -> dict[str, Any]:
+    """The versions and the GPU of this process, as the known-bad table names them."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from stabguard.engine_check import engine_spec
 
     def installed(package):
         try:
@@ -171,15 +152,27 @@ def stack_facts(recipe, model) -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    training = recipe.training
-    precision = "fp16" if training.get("fp16") else "bf16" if training.get("bf16") else "fp32"
-    config = getattr(model, "config", None)
     return {
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": installed("transformers"),
         "accelerate": installed("accelerate"), "peft": installed("peft"), "deepspeed": installed("deepspeed"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def precision_of(training: dict) -> str:
+    return "fp16" if training.get("fp16") else "bf16" if training.get("bf16") else "fp32"
+
+
+def stack_facts(recipe, model) -> dict[str, Any]:
+    """What the known-bad table is matched on, for this process and this recipe."""
+    from stabguard.engine_check import engine_spec
+
+    training = recipe.training
+    config = getattr(model, "config", None)
+    return {
+        **environment_facts(),
         "attn_implementation": getattr(config, "_attn_implementation", None) or recipe.model.attn_implementation,
-        "engine": engine_spec(training).kind, "precision": precision,
+        "engine": engine_spec(training).kind, "precision": precision_of(training),
         "quantization": "4bit" if recipe.quantization.load_in_4bit else "none",
         "max_length": recipe.data.max_length, "model": recipe.model.name_or_path,
     }
@@ -195,84 +188,225 @@ def stack_findings(facts: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     return found
 
 
-# -- the probe -------------------------------------------------------------------------------------
+# -- the probe: the run's own first step, with no update ----------------------------------------------
 
-def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str | None = None) -> None:
-    """Build the recipe's trainer, run ``batches`` real batches forward and backward (no optimizer step),
-    and add what they show to ``report`` (findings under "probe: ..."), then the guards' ``probe`` hooks."""
-    import transformers
+PROBE_PLUGIN = "core:probe"
 
-    from stabguard.check import guard_findings
-    from stabguard.runner import build_trainer, run_arguments
 
-    arguments = run_arguments(recipe)
+class StepRecorder:
+    """A plugin of the probe's one-step run: it records what the step's forward and backward showed, and
+    vetoes the update (SKIP). It sees the step wherever the engine keeps it: one device, DDP, FSDP2 or
+    DeepSpeed, on every rank; each rank's records are gathered, so every rank holds the same ``seen``.
+
+    Gradients are read from the norms the step's one norm pass already has per tensor (global ones under
+    FSDP2 and ZeRO), through ``state.where``; the loss the Trainer accumulates is compared with the
+    token-weighted cross-entropy of the very logits it came from."""
+
+    def __init__(self, plugins, recipe, events):
+        self.plugins, self.recipe, self.events = plugins, recipe, events
+        self.processor = None
+        self.recorder: ActivationRange | None = None
+        self.handle = None
+        self.zero_b: set[str] = set()  # LoRA B matrices still all zero: their A's gradient is 0 by design
+        self.pixels: list[tuple[float, float]] = []
+        self.batches: list[dict] = []
+        self.loss_sum, self.tokens, self.samples = 0.0, 0, 0
+        self.started: float | None = None
+        self.mine: dict[str, Any] = {}
+        self.seen: dict[str, Any] | None = None  # every rank's records, merged
+
+    @hookimpl(trylast=True)  # after every other set-up: the hooks see outputs as the run's forward makes them
+    def setup_model(self, model, processor):
+        self.processor = processor
+        self.zero_b = {_bare(n) for n, p in model.named_parameters()
+                       if ".lora_B." in n and p.requires_grad and not bool(p.detach().any())}
+        self.recorder = ActivationRange(model)
+        self.handle = model.register_forward_hook(self._forward, with_kwargs=True)
+
+    def _forward(self, module, args, kwargs, output) -> None:
+        if self.started is None:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.started = time.perf_counter()
+        labels = kwargs.get("labels")
+        logits = output.get("logits") if isinstance(output, dict) else None
+        if labels is not None and logits is not None:
+            total, count = token_loss_sum(logits.detach(), labels)
+            self.loss_sum, self.tokens = self.loss_sum + total, self.tokens + count
+            self.samples = max(self.samples, int(labels.shape[0]))
+        self.batches.append(dict(kwargs))
+
+    @hookimpl
+    def post_collate(self, batch):
+        pixels = batch.get("pixel_values")
+        if pixels is not None and pixels.numel():
+            self.pixels.append((float(pixels.min()), float(pixels.max())))
+
+    @hookimpl
+    def pre_step(self, state, events):
+        """The gradients are complete: the guards' ``probe`` hooks read them here, before the veto drops them."""
+        if self.seen is not None or self.started is None:
+            return None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.started
+        self.handle.remove()
+        model = getattr(state.model, "module", state.model)  # DeepSpeed's engine, DDP: the model inside
+        from stabguard.check import guard_findings
+
+        found = _Found()
+        guard_findings(self.plugins, "probe", found, events, recipe=self.recipe, model=model, batches=self.batches)
+        self.mine = {
+            "frozen_with_grad": [n for n, p in state.model.named_parameters() if not p.requires_grad and
+                                 p.grad is not None],
+            "trainable": [n for n, p in state.model.named_parameters() if p.requires_grad],
+            "peaks": self.recorder.remove(), "pixels": self.pixels, "micro_batches": len(self.batches),
+            "samples": self.samples, "loss": float(state.loss), "loss_sum": self.loss_sum, "tokens": self.tokens,
+            "seconds": seconds, "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "guards": found.findings,
+        }
+        state.ask_where()
+        return Verdict.skip("probe: forward and backward only, no update")
+
+    @hookimpl
+    def on_step_end(self, state):
+        if self.seen is not None or not self.mine:
+            return
+        tensors = state.where.tensors if state.where else {}
+        everyone = _gather(self.mine)
+        self.seen = merge(everyone, tensors, self.zero_b)
+
+
+class _Found:
+    """What ``guard_findings`` adds to, kept as plain findings to gather across ranks."""
+
+    def __init__(self):
+        self.findings: list[dict] = []
+
+    def add(self, check, level, message, details=None, *, guard="", values=None):
+        self.findings.append({"check": check, "level": level, "message": message, "details": list(details or []),
+                              "guard": guard, "values": dict(values or {})})
+
+
+def _bare(name: str) -> str:
+    return re.sub(r"^(module\.|_orig_mod\.)+", "", name)
+
+
+def _gather(mine: dict) -> list[dict]:
+    """Every rank's records, in rank order (one collective; just this rank's outside torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> dict[str, Any]:
+    """The ranks' records as one: gradients from the global per-tensor norms (the same on every rank), the
+    largest activation and pixel range of any rank, the loss the Trainer logs (the ranks' mean) against the
+    token-weighted mean over every rank's tokens. Findings of a guard's ``probe`` once, by rank where they
+    differ."""
+    first = everyone[0]
+    missing = sorted({n for r in everyone for n in r["trainable"] if n not in tensors},
+                     key=first["trainable"].index)
+    nonfinite = [n for n in first["trainable"] if n in tensors and not math.isfinite(tensors[n])]
+    zero = [n for n in first["trainable"] if tensors.get(n) == 0.0 and not _a_of_zero_b(n, zero_b)]
+    frozen = sorted({n for r in everyone for n in r["frozen_with_grad"]})
+    peaks: dict[str, float] = {}
+    for r in everyone:
+        for module, value in r["peaks"]:
+            peaks[module] = max(peaks.get(module, value), value) if math.isfinite(value) else value
+    pixels = [p for r in everyone for p in r["pixels"]]
+    guards: list[dict] = []
+    for rank, r in enumerate(everyone):
+        for f in r["guards"]:
+            key = {k: f[k] for k in ("check", "level", "message")}
+            if not any({k: g[k] for k in key} == key for g in guards):
+                on = [i for i, o in enumerate(everyone) if any({k: g[k] for k in key} == key for g in o["guards"])]
+                guards.append({**f, "message": f["message"] if len(on) == len(everyone) else
+                               f"rank {', '.join(map(str, on))}: {f['message']}"})
+    bytes_ = [r["peak_bytes"] for r in everyone if r["peak_bytes"] is not None]
+    return {
+        "gradients": Gradients(missing, zero, nonfinite, len(first["trainable"]), frozen),
+        "peaks": list(peaks.items()),
+        "pixels": (min(p[0] for p in pixels), max(p[1] for p in pixels)) if pixels else None,
+        "loss": sum(r["loss"] for r in everyone) / len(everyone),
+        "reference": sum(r["loss_sum"] for r in everyone) / max(sum(r["tokens"] for r in everyone), 1),
+        "micro_batches": first["micro_batches"], "samples": first["samples"], "ranks": len(everyone),
+        "seconds": max(r["seconds"] for r in everyone), "peak_bytes": max(bytes_) if bytes_ else None,
+        "guards": guards,
+    }
+
+
+def _a_of_zero_b(name: str, zero_b: set[str]) -> bool:
+    return ".lora_A." in name and _bare(name).replace(".lora_A.", ".lora_B.") in zero_b
+
+
+def probe_arguments(recipe, batches: int, output_dir: str | None) -> dict:
+    """The run's training arguments for one optimizer step of ``batches`` micro-batches, saving nothing."""
+    from stabguard.engine_check import deepspeed_config
+    from stabguard.runner import run_arguments
+
+    arguments = {**run_arguments(recipe), "max_steps": 1, "gradient_accumulation_steps": batches,
+                 "save_strategy": "no", "eval_strategy": "no", "report_to": "none", "logging_steps": 1}
     if output_dir is not None:
         arguments["output_dir"] = output_dir  # nothing of the probe lands in the run's folder
-    args = transformers.TrainingArguments(**{**arguments, "report_to": "none"})
-    trainer = build_trainer(recipe, plugins, events, args)
-    model = trainer.model.to(args.device)
-    inputs = first_batches(trainer, batches)
-    if not inputs:
-        report.add("probe", "error", f"no batch to probe: {recipe.data.train} gave none")
+    if arguments.get("deepspeed"):  # its batch sizes follow the probe's accumulation
+        config = dict(deepspeed_config(arguments["deepspeed"]))
+        if config:
+            config.pop("train_batch_size", None)  # DeepSpeed works it out from the two below
+            arguments["deepspeed"] = {**config, "gradient_accumulation_steps": "auto"}
+    return arguments
+
+
+def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str | None = None) -> None:
+    """Build the recipe's trainer as ``stabguard run`` does and run one optimizer step of ``batches`` real
+    micro-batches with its update vetoed; add what it showed to ``report`` (findings under "probe: ...").
+    Under torchrun every rank runs it with the recipe's engine; every rank gets the same findings."""
+    import transformers
+
+    from stabguard.runner import build_trainer, quiet_log_dicts
+
+    args = transformers.TrainingArguments(**probe_arguments(recipe, batches, output_dir))
+    recorder = StepRecorder(plugins, recipe, events)
+    plugins.register(recorder, PROBE_PLUGIN, source="core")
+    try:
+        trainer = build_trainer(recipe, plugins, events, args)
+        quiet_log_dicts(trainer)
+        trainer.train()
+    finally:
+        plugins.unregister(PROBE_PLUGIN)
+    seen = recorder.seen
+    if seen is None:
+        stopped = getattr(trainer, "stop_verdict", None)
+        why = f"the step stopped first: {stopped.reason}" if stopped else f"{recipe.data.train} gave no batch"
+        report.add("probe", "error", f"the probe's step did not run: {why}")
         return
-    check_pixels(trainer.processing_class, inputs, report)
-    check_accumulation(trainer, model, inputs, report)
-    gradients, peaks, seconds, peak_bytes = forward_backward(trainer, model, inputs)
-    report_gradients(gradients, report)
-    facts = stack_facts(recipe, model)
-    report_activations(peaks, facts["precision"], report)
+    facts = stack_facts(recipe, trainer.model)
+    report_gradients(seen["gradients"], report)
+    report_activations(seen["peaks"], facts["precision"], report)
+    check_accumulation(seen, loss_is_scaled(trainer), report)
+    check_pixels(recorder.processor, seen["pixels"], report)
     for level, message, details in stack_findings(facts):
         report.add("probe: stack", level, message, details)
     if not any(f.check == "probe: stack" for f in report.findings):
         report.add("probe: stack", "ok", f"no known-bad combination ({len(known_bad())} known)")
-    memory = f"; peak memory {peak_bytes / 2**30:.2f} GiB" if peak_bytes is not None else \
-        " (no GPU: peak memory not measured)"
+    report_step(seen, report)
+    for f in seen["guards"]:
+        report.add(f["check"], f["level"], f["message"], f["details"], guard=f["guard"], values=f["values"])
+
+
+def report_step(seen: dict, report) -> None:
+    peak = seen["peak_bytes"]
+    memory = f"; peak memory {peak / 2**30:.2f} GiB" if peak is not None else " (no GPU: peak memory not measured)"
     estimate = (report.memory or {}).get("total_gib")
-    versus = f" (check's estimate {estimate:.2f} GiB)" if peak_bytes is not None and estimate else ""
-    report.add("probe: step", "info", f"forward + backward of {len(inputs)} batch(es) of {len(inputs[0]['input_ids'])} "
-               f"sample(s): {seconds:.2f} s{memory}{versus}", values={"seconds": seconds, "peak_bytes": peak_bytes})
-    guard_findings(plugins, "probe", report, events, recipe=recipe, model=model, batches=inputs)
-    model.zero_grad(set_to_none=True)
-
-
-def first_batches(trainer, k: int) -> list[dict]:
-    """The first ``k`` batches of the training data, collated as the run collates them, on the device."""
-    out = []
-    for batch in trainer.get_train_dataloader():
-        out.append(trainer._prepare_inputs(batch))
-        if len(out) == k:
-            break
-    return out
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if not k.startswith("stabguard_")}
-
-
-def forward_backward(trainer, model, inputs: list[dict]):
-    """The step as the Trainer runs it (train mode, ``num_items_in_batch`` over the K batches), hooks
-    recording activations; gradients stay in ``p.grad`` for the guards' probe hooks."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    items = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in inputs)
-    recorder = ActivationRange(model)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        for batch in inputs:
-            loss = trainer.compute_loss(model, model_inputs(batch), num_items_in_batch=items)
-            if not loss_is_scaled(trainer):
-                loss = loss / len(inputs)
-            if loss.requires_grad:  # else no trainable tensor is reached at all: every one is reported
-                loss.backward()
-    finally:
-        peaks = recorder.remove()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return gradient_reach(model), peaks, seconds, peak
+    versus = f" (check's estimate {estimate:.2f} GiB)" if peak is not None and estimate else ""
+    ranks = f" on each of {seen['ranks']} ranks" if seen["ranks"] > 1 else ""
+    report.add("probe: step", "info", f"forward + backward of {seen['micro_batches']} batch(es) of {seen['samples']} "
+               f"sample(s){ranks}: {seen['seconds']:.2f} s{memory}{versus}",
+               values={"seconds": seen["seconds"], "peak_bytes": peak, "ranks": seen["ranks"]})
 
 
 def loss_is_scaled(trainer) -> bool:
@@ -287,7 +421,9 @@ def report_gradients(g: Gradients, report) -> None:
     check = "probe: gradients"
     kinds = [
         ("missing", "error", f"of {g.trainable} trainable tensors got no gradient: the gradient path is cut before "
-                             "them (the loss can still fall); they will never train"),
+                             "them (the loss can still fall); they will never train. Fix: find what detaches the "
+                             "hidden states after them (a forward hook, a custom forward, torch.no_grad, a "
+                             "checkpointed block whose inputs need no grad: model.enable_input_require_grads())"),
         ("nonfinite", "error", "trainable tensors got NaN/Inf gradients"),
         ("zero", "warn", "trainable tensors got an all-zero gradient: not reached by this data, or cut off inside "
                          "the model"),
@@ -297,7 +433,7 @@ def report_gradients(g: Gradients, report) -> None:
         names = getattr(g, field_name)
         if names:
             report.add(check, level, f"{len(names)} {what}", modules_of(names)[:20], values={field_name: names})
-    if not (g.missing or g.nonfinite or g.frozen_with_grad):
+    if not (g.missing or g.nonfinite or g.zero or g.frozen_with_grad):
         report.add(check, "ok", f"all {g.trainable} trainable tensors got a finite gradient; no frozen one got any")
 
 
@@ -315,7 +451,8 @@ def report_activations(peaks: list[tuple[str, float]], precision: str, report) -
     if over:
         module, value = over
         level = "error" if precision == "fp16" else "warn"
-        runs = "this run is fp16: it will overflow" if precision == "fp16" else f"this run is {precision}, which holds it"
+        runs = ("this run is fp16: it will overflow. Fix: bf16 (training.bf16 = true, Ampere or newer), or fp32"
+                if precision == "fp16" else f"this run is {precision}, which holds it")
         report.add(check, level, f"fp16 would overflow at {module} (max {value:.3g}, limit {FP16_MAX:.0f}); {runs}",
                    [f"largest: {top} ({largest:.3g})"], values={"module": module, "max": value})
         return
@@ -324,61 +461,54 @@ def report_activations(peaks: list[tuple[str, float]], precision: str, report) -
                                                           "fp16_headroom": FP16_MAX / max(largest, 1e-30)})
 
 
-def check_accumulation(trainer, model, inputs: list[dict], report) -> None:
-    """The loss the Trainer accumulates over the K batches against the token-weighted mean from the logits."""
+def check_accumulation(seen: dict, scaled: bool, report) -> None:
+    """The loss the Trainer accumulated over the step's micro-batches (as it logs it: the ranks' mean)
+    against the token-weighted cross-entropy of the same forwards' logits over every rank's tokens."""
     check = "probe: accumulation"
-    if len(inputs) < 2:
+    k = seen["micro_batches"]
+    if k < 2:
         report.add(check, "info", "one batch probed: the accumulation check needs --batches 2 or more")
         return
-    items = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in inputs)
-    accumulated, reference = 0.0, 0.0
-    model.eval()  # the same forward twice without dropout
-    try:
-        with torch.no_grad():
-            for batch in inputs:
-                loss, outputs = trainer.compute_loss(model, model_inputs(batch), return_outputs=True,
-                                                     num_items_in_batch=items)
-                accumulated += float(loss) if loss_is_scaled(trainer) else float(loss) / len(inputs)
-                total, _ = token_loss_sum(outputs["logits"], batch["labels"])
-                reference += total / items
-    finally:
-        model.train()
+    accumulated, reference = seen["loss"], seen["reference"]
     factor = accumulated / reference if reference else math.nan
-    values = {"accumulated": accumulated, "reference": reference, "factor": factor, "batches": len(inputs)}
+    values = {"accumulated": accumulated, "reference": reference, "factor": factor, "batches": k}
     if math.isfinite(factor) and abs(factor - 1) <= ACCUMULATION_TOLERANCE:
-        how = [] if loss_is_scaled(trainer) else [
+        how = [] if scaled else [
             "the model does not take num_items_in_batch (accepts_loss_kwargs = False): the Trainer divides each "
             "batch's mean by the accumulation, so a token in a batch with fewer supervised tokens weighs more"]
-        report.add(check, "ok", f"the loss over {len(inputs)} accumulated batches is the token-weighted mean within "
+        report.add(check, "ok", f"the loss over {k} accumulated batches is the token-weighted mean within "
                    f"{ACCUMULATION_TOLERANCE:.0%} ({accumulated:.4f} vs {reference:.4f})", how, values=values)
         return
-    cause = (f"about {len(inputs)}x, the number of batches: the model's forward ignores num_items_in_batch and "
-             "returns a per-batch mean, which the Trainer does not divide (transformers#37766)"
-             if math.isfinite(factor) and abs(factor - len(inputs)) / len(inputs) <= 0.25 else
+    expected = [k, k * seen["ranks"]]  # the Trainer also multiplies by the ranks when averaging tokens over them
+    cause = (f"about {k}x, the number of batches{' (times the ranks)' if seen['ranks'] > 1 else ''}: the model's "
+             "forward ignores num_items_in_batch and returns a per-batch mean, which the Trainer does not divide "
+             "(transformers#37766)"
+             if math.isfinite(factor) and any(abs(factor - e) / e <= 0.25 for e in expected) else
              "the model's loss is not the token-weighted cross-entropy of its logits (a custom loss, label "
              "smoothing, or a loss over other positions)")
+    fix = ("Fix: pass num_items_in_batch on to the loss in the forward, or set the model's accepts_loss_kwargs = "
+           "False so the Trainer divides by the accumulation")
     report.add(check, "error", f"the accumulated loss is {factor:.3g}x the token-weighted mean ({accumulated:.4f} vs "
-               f"{reference:.4f}): {cause}; every threshold on the loss and grad norm is off by as much",
+               f"{reference:.4f}): {cause}; every threshold on the loss and grad norm is off by as much. {fix}",
                values=values)
 
 
-def check_pixels(processor, inputs: list[dict], report) -> None:
+def check_pixels(processor, seen: tuple[float, float] | None, report) -> None:
     check = "probe: pixels"
-    pixels = [b["pixel_values"] for b in inputs if b.get("pixel_values") is not None]
     image_processor = getattr(processor, "image_processor", None)
-    if not pixels or image_processor is None:
+    if seen is None or image_processor is None:
         report.add(check, "info", "no image in the probed batches")
         return
-    low, high = (float(min(p.min() for p in pixels)), float(max(p.max() for p in pixels)))
+    low, high = seen
     lo, hi = expected_pixel_range(image_processor)
     values = {"min": low, "max": high, "expected": [lo, hi]}
-    seen = f"pixel values span {low:.4g} to {high:.4g}; normalising [0, 1] pixels gives {lo:.3g} to {hi:.3g}"
+    span = f"pixel values span {low:.4g} to {high:.4g}; normalising [0, 1] pixels gives {lo:.3g} to {hi:.3g}"
     if high - low < PIXEL_SLIVER * (hi - lo):
-        report.add(check, "error", f"{seen}: images rescaled twice? Pixels divided by 255 once too often sit in a "
+        report.add(check, "error", f"{span}: images rescaled twice? Pixels divided by 255 once too often sit in a "
                    "sliver of the range (ms-swift#2280: loss 1.8 -> 663, then NaN). Check the image processor's "
                    "rescale_factor and do_rescale, and whether the data holds already-scaled images", values=values)
     elif low < lo - 0.05 * (hi - lo) or high > hi + 0.05 * (hi - lo):
-        report.add(check, "warn", f"{seen}: not normalised as this processor would (rescaled too little, or "
+        report.add(check, "warn", f"{span}: not normalised as this processor would (rescaled too little, or "
                    "normalised twice?)", values=values)
     else:
-        report.add(check, "ok", seen, values=values)
+        report.add(check, "ok", span, values=values)

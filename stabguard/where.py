@@ -37,12 +37,15 @@ class Where:
     :ivar first_nonfinite_output: the first module whose forward output was non-finite when the step's
         non-finite micro-batch was replayed, or None (not replayed, or every output finite).
     :ivar layers: ``{layer: share}`` (``language_model.layers.3``, ``visual.blocks.0``, ``lm_head``, ...).
+    :ivar tensors: ``{parameter name: global gradient norm}`` for every parameter with a gradient (as the
+        engine names them; not kept in the event log). A trainable parameter missing here got none.
     """
 
     modules: list[tuple[str, str, float]] = field(default_factory=list)
     nonfinite: dict[str, int] = field(default_factory=dict)
     first_nonfinite_output: str | None = None
     layers: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, float] = field(default_factory=dict, repr=False)
 
     def brief(self, top: int = 2) -> str:
         """One phrase for a console line: "language_model.layers.3.mlp.down_proj (lora_B) 97%"."""
@@ -122,7 +125,8 @@ def group(names: list[str], norms: list[float]) -> Where:
     layers: dict[str, float] = {}
     for module, _, share in modules:
         layers[layer_of(module)] = layers.get(layer_of(module), 0.0) + share
-    return Where(modules=modules, nonfinite=nonfinite, layers=dict(sorted(layers.items(), key=lambda x: -x[1])))
+    return Where(modules=modules, nonfinite=nonfinite, layers=dict(sorted(layers.items(), key=lambda x: -x[1])),
+                 tensors=dict(zip(names, norms)))
 
 
 def first_nonfinite_output(model, inputs: dict) -> str | None:

@@ -19,8 +19,10 @@ step-2 checkpoint, the same fault at its first step (3). "stop": a guard stops t
 batch / rank 0 at step 3). "heal": the last rank's loss spikes x50 at steps 4, 6 and 8 (of 9) with
 ``max_rollbacks = 1``: a rollback, then two healable STOPs healed by the recovery (every other scenario
 runs with ``[recovery] enabled = false``: on 6 samples, step faults put the same sample in two rejected
-steps by chance). "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP checks
-stabguard.engine against the gathered tensors, with a NaN in rank 1's local gradient shard.
+steps by chance). "probe": ``stabguard check --probe`` with the gradient path cut after layer 0 (every
+rank) and layer 1's MLP output past fp16's range (the last rank only); "probe-num-items": the probe of a
+forward that ignores num_items_in_batch. "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP
+checks stabguard.engine against the gathered tensors, with a NaN in rank 1's local gradient shard.
 
 Each rank writes OUT_DIR/rank<r>_<scenario>.json: per step the verdicts, the guards' norm and the norm of
 the full gradients, learning rates, and a digest of what this rank's optimizer steps (its local shards,
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import torch
 from support import tiny_recipe, write_recipe
-from support_faults import GradFault, LossFault, StepProbe, StopAt, guard_plugins
+from support_faults import Amplify, CutPath, DropsNumItems, GradFault, LossFault, StepProbe, StopAt, guard_plugins
 
 from stabguard import engine, hookimpl
 from stabguard.data.jsonl import PLACEHOLDER_REF
@@ -246,6 +248,26 @@ def functions_checks() -> dict:
     return out
 
 
+PROBE_FAULTS = {  # each rank's findings must be the same: the faults hit one rank, or every rank alike
+    "probe": lambda last: [CutPath(), Amplify("language_model.layers.1.mlp.down_proj", rank=last)],
+    "probe-num-items": lambda last: [DropsNumItems()],
+}
+
+
+def probe_check(training: dict, model_dir: str, train: str, out: Path, rank: int, world: int) -> None:
+    """``stabguard check --probe`` on this rank (the "probe" scenarios): every rank writes its probe findings."""
+    from stabguard.check import preflight
+
+    name = sys.argv[5]
+    recipe = tiny_recipe({"model": Path(model_dir), "train": Path(train)}, out / "run", training=training)
+    plugins = guard_plugins(*PROBE_FAULTS[name](world - 1), guards=("vision_freeze", "nonfinite", "grad_norm"))
+    report = preflight(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=plugins, probe_batches=2)
+    findings = [{"check": f.check, "level": f.level, "message": f.message, "details": f.details, "values": f.values,
+                 "guard": f.guard} for f in report.findings if f.check.startswith("probe")]
+    (out / f"rank{rank}_{name}.json").write_text(json.dumps({"rank": rank, "findings": findings}, indent=1))
+    close_process_group()
+
+
 def close_process_group() -> None:
     """Every rank has written its report; end without the interpreter's teardown, where gloo's threads
     sometimes abort a finished rank ("terminate called without an active exception", seen under tox)."""
@@ -265,6 +287,8 @@ def main(engine_name: str, model_dir: str, train: str, out_dir: str, name: str) 
     if engine_name.startswith("fsdp2"):
         lift_cpu_gate()
     training = training_for(engine_name)
+    if name.startswith("probe"):
+        probe_check(training, model_dir, train, out, rank, world)
     rows = sum(1 for line in Path(train).read_text().splitlines() if line.strip())
     plugins, overrides, resume = scenario(name, out, last=world - 1, ga=training.get("gradient_accumulation_steps", 1),
                                           per_epoch=-(-rows // world))

@@ -8,6 +8,7 @@ shares is in tests/test_engines.py. About 20 s per launch on 2 cores.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -79,3 +80,21 @@ def test_a_rank_killed_mid_run_restarts_the_job_which_resumes_and_finishes(tmp_p
     (start,) = [e for e in second if e["values"].get("start_step") is not None and e["rank"] == 0]
     assert start["values"]["start_step"] == 4, "the restart resumed from the newest complete checkpoint"
     assert any(e["kind"] == "log" and e["step"] == 8 for e in second) and (tmp_path / "out" / "checkpoint-8").is_dir()
+
+
+def test_check_probe_under_torchrun_runs_on_every_rank_and_prints_once(tmp_path, tiny_assets):
+    """``torchrun ... stabguard check RECIPE --probe`` as a user types it (DDP, 2 ranks): one report, by rank 0."""
+    from support import tiny_recipe, write_recipe
+    from support_launch import launch
+
+    recipe = tiny_recipe(tiny_assets, tmp_path / "out", training={"ddp_find_unused_parameters": False})
+    path = write_recipe(tmp_path / "recipe.toml", recipe)
+    (tmp_path / "cli.py").write_text("from stabguard.cli import main\nmain()\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "cli.py"), "check", str(path), "--probe"]
+    done = launch(cmd, what="torchrun --nproc-per-node 2 ... stabguard check --probe", cwd=tmp_path)
+    assert done.stdout.count(f"stabguard check {path}") == 1, "rank 0 alone prints the report"
+    step = r"probe: step: forward \+ backward of 2 batch\(es\) of \d sample\(s\) on each of 2 ranks"
+    assert re.search(step, done.stdout), "each rank ran its 2 micro-batches"
+    assert "probe: gradients: all 28 trainable tensors got a finite gradient" in done.stdout
+    assert "ready to run" in done.stdout and not (tmp_path / "out").exists()

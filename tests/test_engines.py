@@ -90,3 +90,40 @@ def test_a_healable_stop_on_one_rank_is_healed_alike_on_every_rank(request, tmp_
             "each healed STOP restored this rank's part of the verified state"
     steps = {s for q in first["recovery"]["quarantined"].values() for s in q["rejected_steps"]}
     assert steps <= {4, 6, 8}, "quarantined for the rejected steps"
+
+
+def probe_reports(request, tmp_path, assets, engine, scenario) -> list[dict]:
+    kind = engine.split("-")[0]
+    if kind == "fsdp2" and fsdp2_accelerate_problem():
+        pytest.skip(fsdp2_accelerate_problem())
+    if kind in ZERO:
+        request.getfixturevalue("deepspeed_cpu_ops")
+    reports = engine_run(tmp_path, engine, scenario, assets, nproc=2)
+    assert reports[1]["findings"] == reports[0]["findings"], "every rank reports the same"
+    return reports[0]["findings"]
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_the_probe_runs_the_engines_step_on_every_rank(request, tmp_path, tiny_assets, engine):
+    """``stabguard check --probe`` under torchrun: the run's own first step on each rank, through FSDP2 or
+    ZeRO-3, the gradients from the engine's global per-tensor norms, the activations of every rank."""
+    findings = {f["check"]: f for f in probe_reports(request, tmp_path, tiny_assets, engine, "probe")
+                if f["guard"] == ""}
+    cut = findings["probe: gradients"]  # layer 0's adapters, behind the cut; ZeRO keeps a zero gradient for them
+    said = ("error", "got no gradient") if engine == "fsdp2" else ("warn", "all-zero gradient")
+    assert cut["level"] == said[0] and said[1] in cut["message"], cut
+    assert cut["details"] and all(d.startswith("language_model.layers.0.") for d in cut["details"]), cut["details"]
+    overflow = findings["probe: activations"]  # the last rank's forward only
+    assert overflow["message"].startswith("fp16 would overflow at language_model.layers.1.mlp.down_proj (max ")
+    assert findings["probe: accumulation"]["level"] == "ok", "the ranks' mean loss is the token-weighted mean"
+    assert findings["probe: pixels"]["level"] == "ok"
+    assert findings["probe: step"]["values"]["ranks"] == 2
+    engine_said = next(f for f in findings.values() if f["check"] == "probe: stack")
+    assert engine_said["level"] == "ok"
+
+
+def test_the_probe_finds_the_accumulation_off_by_batches_times_ranks(request, tmp_path, tiny_assets):
+    findings = probe_reports(request, tmp_path, tiny_assets, "ddp", "probe-num-items")
+    (acc,) = [f for f in findings if f["check"] == "probe: accumulation"]
+    assert acc["level"] == "error" and "ignores num_items_in_batch" in acc["message"], acc
+    assert acc["values"]["factor"] == pytest.approx(4, rel=0.25), "2 batches x 2 ranks"

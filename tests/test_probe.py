@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from support import tiny_recipe, write_recipe
+from support_faults import Amplify, CutPath, DropsNumItems
 
 from stabguard import hookimpl
 from stabguard.probe import known_bad, matches, stack_findings
@@ -29,30 +29,12 @@ def problems(report) -> list[str]:
     return [f"{f.check}: {f.message}" for f in probe_findings(report) if f.level in ("warn", "error")]
 
 
-def inner_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def submodule(model, suffix: str):
-    return next(m for n, m in model.named_modules() if n.endswith(suffix))
-
-
 def test_a_healthy_recipe_gives_no_finding(tmp_path, tiny_assets):
     report = run_probe(recipe_for(tmp_path, tiny_assets), guards=GUARDS)
     assert problems(report) == []
     checks = {f.check for f in probe_findings(report, "ok")}
     assert {"probe: gradients", "probe: activations", "probe: accumulation", "probe: pixels", "probe: stack"} <= checks
     assert not (tmp_path / "out").exists(), "the probe writes nothing into the run's folder"
-
-
-class CutPath:
-    """The gradient path cut inside the model: layer 0's output detached (not a recipe setting)."""
-
-    @hookimpl
-    def setup_model(self, model):
-        layer = submodule(model, "language_model.layers.0")
-        layer.register_forward_hook(lambda m, args, out: out.detach() if torch.is_tensor(out) else
-                                    tuple(o.detach() if torch.is_tensor(o) else o for o in out))
 
 
 def test_adapters_behind_a_cut_gradient_path_are_named(tmp_path, tiny_assets):
@@ -76,17 +58,6 @@ def test_a_real_run_says_so_at_its_first_step(tmp_path, tiny_assets):
     assert all(n.startswith("base_model.model.model.language_model.layers.0.") for n in findings[0]["values"]["missing"])
 
 
-class Amplify:
-    """One module's activations pushed past fp16's range."""
-
-    def __init__(self, suffix):
-        self.suffix = suffix
-
-    @hookimpl
-    def setup_model(self, model):
-        submodule(model, self.suffix).register_forward_hook(lambda m, args, out: out * 1e9)
-
-
 def test_a_module_past_fp16s_range_is_named(tmp_path, tiny_assets):
     report = run_probe(recipe_for(tmp_path, tiny_assets), Amplify("language_model.layers.0.mlp.down_proj"),
                        guards=GUARDS)
@@ -94,18 +65,6 @@ def test_a_module_past_fp16s_range_is_named(tmp_path, tiny_assets):
     assert finding.level == "warn", "an fp32 run holds it; fp16 would not"
     assert finding.message.startswith("fp16 would overflow at language_model.layers.0.mlp.down_proj (max ")
     assert finding.values["max"] > 65504
-
-
-class DropsNumItems:
-    """A model that says it takes the loss kwargs, whose forward ignores num_items_in_batch: it returns each
-    batch's mean, which the Trainer does not divide (transformers#37766)."""
-
-    @hookimpl
-    def setup_model(self, model):
-        inner = inner_model(model)
-        inner.accepts_loss_kwargs = True  # Qwen3-VL says False: the Trainer would divide by the accumulation
-        forward = inner.forward
-        inner.forward = lambda *args, num_items_in_batch=None, **kwargs: forward(*args, **kwargs)
 
 
 def test_a_forward_that_drops_num_items_in_batch_is_off_by_the_accumulation(tmp_path, tiny_assets):
@@ -180,9 +139,10 @@ def test_the_check_command_probes_and_prints_json(tmp_path, tiny_assets):
     assert step["values"]["seconds"] > 0 and step["values"]["peak_bytes"] is None
 
 
-def test_a_sharded_recipe_is_not_probed_in_one_process_and_says_so(tmp_path, tiny_assets):
+def test_a_deepspeed_recipe_outside_torchrun_says_how_to_probe_it(tmp_path, tiny_assets, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
     recipe = recipe_for(tmp_path, tiny_assets, training={"deepspeed": {"zero_optimization": {"stage": 2}}})
     report = run_probe(recipe, guards=GUARDS)
     (said,) = [f for f in probe_findings(report) if f.check == "probe"]
-    assert said.level == "warn" and "a deepspeed recipe needs its ranks" in said.message
+    assert said.level == "warn" and "torchrun --nproc-per-node N" in said.message and "--probe" in said.message
     assert not [f for f in probe_findings(report) if f.check.startswith("probe: ")], "nothing else was run"

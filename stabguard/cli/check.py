@@ -1,6 +1,9 @@
 """``stabguard check RECIPE [--gpu-mem 80] [--world-size 8] [--probe [--batches 2]] [--json]``: every
 preflight, no training; ``--probe`` also runs the first batches forward and backward (``stabguard.probe``).
 
+Under ``torchrun`` (``torchrun --nproc-per-node N $(which stabguard) check RECIPE --probe``) every rank runs
+the probe with the recipe's engine and rank 0 prints the report, which every rank shares.
+
 Exit codes: 0 when nothing is wrong (warnings allowed), 1 on any error, 2 when the recipe itself is
 invalid (as ``stabguard validate``).
 """
@@ -8,6 +11,7 @@ invalid (as ``stabguard validate``).
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -31,8 +35,8 @@ def render(report) -> str:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--gpu-mem", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True,
               help="GiB of memory per GPU the run will have (80 for an H100/A100 80GB)")
-@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="ranks the run will have (FSDP2 and ZeRO split memory over them)")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="ranks the run will have (FSDP2 and ZeRO split memory over them)  [default: torchrun's, else 1]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (for scripts)")
 @click.option("--rows", type=click.IntRange(min=1), default=64, show_default=True, help="data rows checked per file")
 @click.option("--images", type=click.IntRange(min=0), default=32, show_default=True, help="images decoded per file")
@@ -46,12 +50,16 @@ def render(report) -> str:
 def command(recipe, gpu_mem, world_size, as_json, rows, images, batch, probe, batches):
     """Check a recipe before spending GPU hours: model files, data, label masks, parameters, memory, LR."""
     from stabguard.check import preflight
+    from stabguard.cli.run import close_process_group
     from stabguard.progress import command_progress
 
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     with command_progress("the check did not finish") as progress:
         report = preflight(recipe, gpu_mem=gpu_mem, rows=rows, images=images, batch=batch, progress=progress,
                            world_size=world_size, probe_batches=batches if probe else 0)
-    click.echo(json.dumps(report.as_json(), indent=1) if as_json else render(report))
+    close_process_group()  # the probe under torchrun: every rank holds the same report
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps(report.as_json(), indent=1) if as_json else render(report))
     if report.recipe_invalid:
         raise SystemExit(EXIT_RECIPE)
     if report.errors:
