@@ -141,6 +141,27 @@ def two_b_qlora(root: Path, model: Path):
     return ok and four_bit > 0 and "Paged" in optimizer, f"{four_bit} Linear4bit, {optimizer}; {detail}"
 
 
+@check("2B-shaped Qwen3-VL, bf16 LoRA: stabguard check --probe (activation maxima, peak memory vs estimate)")
+def two_b_probe(root: Path, model: Path):
+    from stabguard.check import preflight
+    from stabguard.testing import tiny_recipe, write_recipe
+
+    recipe = tiny_recipe({"model": model, "train": root / "data" / "train.jsonl"}, root / "out-probe",
+                         training={"use_cpu": False, "bf16": True, "per_device_train_batch_size": 2})
+    recipe["model"]["dtype"] = "bfloat16"
+    report = preflight(write_recipe(root / "probe.toml", recipe), probe_batches=2, gpu_mem=80)
+    found = {f.check: f for f in report.findings if f.check.startswith("probe")}
+    step, acts = found.get("probe: step"), found.get("probe: activations")
+    if step is None or acts is None:
+        return False, "; ".join(f"{f.check}: {f.message}" for f in found.values())[:300]
+    peak = (step.values["peak_bytes"] or 0) / 2**30
+    estimate = (report.memory or {}).get("total_gib")
+    problems = [f"{f.check}: {f.message}" for f in found.values() if f.level == "error"]
+    return not problems and peak > 0, (f"{acts.message[:110]}; peak {peak:.2f} GiB, check's estimate "
+                                       f"{estimate:.2f} GiB; step {step.values['seconds']:.2f} s"
+                                       + (f"; {problems}" if problems else ""))
+
+
 # -- the step-time ratio on an 8B-shaped text stack --------------------------------------------------------
 
 class TokenRows(torch.utils.data.Dataset):
@@ -219,6 +240,7 @@ def main() -> int:
         else:
             two_b_bf16(root, model_2b)
             two_b_qlora(root, model_2b)
+            two_b_probe(root, model_2b)
         step_ratio(root)
     print(f"\n{name}; torch {torch.__version__}, transformers {transformers.__version__}, CUDA {torch.version.cuda}")
     print("| check | result | detail | s |\n|---|---|---|---|")

@@ -3,7 +3,8 @@
 # Run it:   bash bench/gpu/selfcheck.sh            (from the repository root, in the project's venv)
 # Prints one table: bf16 tiny and 2B-shaped Qwen3-VL (random weights), real 4-bit QLoRA through
 # bitsandbytes' CUDA kernels, paged AdamW8bit, the faults demo's faults, and the guarded/plain
-# step-time ratio on an 8B-shaped text stack. Nothing is downloaded.
+# step-time ratio on an 8B-shaped text stack, and `check --probe` on the 2B shape (activation maxima,
+# peak memory against check's estimate). Nothing is downloaded.
 # Without a CUDA GPU it stops at once with exit code 2 and says so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
