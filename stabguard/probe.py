@@ -199,7 +199,9 @@ class StepRecorder:
     DeepSpeed, on every rank; each rank's records are gathered, so every rank holds the same ``seen``.
 
     Gradients are read from the norms the step's one norm pass already has per tensor (global ones under
-    FSDP2 and ZeRO), through ``state.where``; the loss the Trainer accumulates is compared with the
+    FSDP2 and ZeRO), through ``state.where``; whether a gradient arrived at all, from a hook on each
+    trainable parameter (DeepSpeed keeps a zero partition for one that got none; FSDP2 replaces the
+    parameters, and a missing one has no norm). The loss the Trainer accumulates is compared with the
     token-weighted cross-entropy of the very logits it came from."""
 
     def __init__(self, plugins, recipe, events):
@@ -208,6 +210,9 @@ class StepRecorder:
         self.recorder: ActivationRange | None = None
         self.handle = None
         self.zero_b: set[str] = set()  # LoRA B matrices still all zero: their A's gradient is 0 by design
+        self.armed: dict[int, str] = {}  # trainable parameters whose gradient's arrival a hook records
+        self.grad_hooks: list = []
+        self.reached: set[str] = set()
         self.pixels: list[tuple[float, float]] = []
         self.batches: list[dict] = []
         self.loss_sum, self.tokens, self.samples = 0.0, 0, 0
@@ -220,6 +225,11 @@ class StepRecorder:
         self.processor = processor
         self.zero_b = {_bare(n) for n, p in model.named_parameters()
                        if ".lora_B." in n and p.requires_grad and not bool(p.detach().any())}
+        for name, p in model.named_parameters():  # DeepSpeed keeps a zero partition for a tensor it got none for
+            if p.requires_grad:
+                self.armed[id(p)] = _bare(name)
+                self.grad_hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda _, name=_bare(name): self.reached.add(name)))
         self.recorder = ActivationRange(model)
         self.handle = model.register_forward_hook(self._forward, with_kwargs=True)
 
@@ -251,6 +261,8 @@ class StepRecorder:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self.started
         self.handle.remove()
+        for hook in self.grad_hooks:
+            hook.remove()
         model = getattr(state.model, "module", state.model)  # DeepSpeed's engine, DDP: the model inside
         from stabguard.check import guard_findings
 
@@ -260,6 +272,9 @@ class StepRecorder:
             "frozen_with_grad": [n for n, p in state.model.named_parameters() if not p.requires_grad and
                                  p.grad is not None],
             "trainable": [n for n, p in state.model.named_parameters() if p.requires_grad],
+            # FSDP2 replaces the parameters it shards: their hooks never fire, only the ones still in place count
+            "armed": [self.armed[id(p)] for p in state.model.parameters() if id(p) in self.armed],
+            "reached": sorted(self.reached),
             "peaks": self.recorder.remove(), "pixels": self.pixels, "micro_batches": len(self.batches),
             "samples": self.samples, "loss": float(state.loss), "loss_sum": self.loss_sum, "tokens": self.tokens,
             "seconds": seconds, "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -309,10 +324,13 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
     token-weighted mean over every rank's tokens. Findings of a guard's ``probe`` once, by rank where they
     differ."""
     first = everyone[0]
-    missing = sorted({n for r in everyone for n in r["trainable"] if n not in tensors},
+    reached = {n for r in everyone for n in r["reached"]}
+    unreached = {n for n in first["armed"] if n not in reached}  # by a hook on the parameter itself
+    missing = sorted({n for r in everyone for n in r["trainable"] if n not in tensors or _bare(n) in unreached},
                      key=first["trainable"].index)
     nonfinite = [n for n in first["trainable"] if n in tensors and not math.isfinite(tensors[n])]
-    zero = [n for n in first["trainable"] if tensors.get(n) == 0.0 and not _a_of_zero_b(n, zero_b)]
+    zero = [n for n in first["trainable"]
+            if tensors.get(n) == 0.0 and n not in set(missing) and not _a_of_zero_b(n, zero_b)]
     frozen = sorted({n for r in everyone for n in r["frozen_with_grad"]})
     peaks: dict[str, float] = {}
     for r in everyone:

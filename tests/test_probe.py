@@ -146,3 +146,34 @@ def test_a_deepspeed_recipe_outside_torchrun_says_how_to_probe_it(tmp_path, tiny
     (said,) = [f for f in probe_findings(report) if f.check == "probe"]
     assert said.level == "warn" and "torchrun --nproc-per-node N" in said.message and "--probe" in said.message
     assert not [f for f in probe_findings(report) if f.check.startswith("probe: ")], "nothing else was run"
+
+
+def rank_record(**over):
+    record = {"frozen_with_grad": [], "trainable": ["m.layers.0.q.lora_A.w", "m.layers.0.q.lora_B.w"], "armed": [],
+              "reached": [], "peaks": [("layers.0", 2.0)], "pixels": [(-1.0, 0.5)], "micro_batches": 2, "samples": 1,
+              "loss": 2.0, "loss_sum": 20.0, "tokens": 10, "seconds": 0.5, "peak_bytes": None, "guards": []}
+    return {**record, **over}
+
+
+def test_the_ranks_records_merge_into_one_report():
+    from stabguard.probe import merge
+
+    said = {"check": "g", "level": "warn", "message": "odd", "details": [], "guard": "g", "values": {}}
+    ok = {**said, "level": "ok", "message": "fine"}
+    everyone = [rank_record(guards=[ok]),
+                rank_record(peaks=[("layers.0", 9e5), ("lm_head", 1.0)], pixels=[(-2.0, 0.1)], loss=4.0,
+                            loss_sum=40.0, tokens=30, seconds=0.7, frozen_with_grad=["visual.w"], guards=[ok, said])]
+    tensors = {"m.layers.0.q.lora_A.w": 0.0, "m.layers.0.q.lora_B.w": 0.3}
+    seen = merge(everyone, tensors, zero_b=set())
+    assert dict(seen["peaks"]) == {"layers.0": 9e5, "lm_head": 1.0}, "the largest output of any rank"
+    assert seen["pixels"] == (-2.0, 0.5) and seen["seconds"] == 0.7 and seen["ranks"] == 2
+    assert seen["loss"] == 3.0 and seen["reference"] == 60.0 / 40, "ranks' mean loss; every rank's tokens"
+    assert seen["gradients"].zero == ["m.layers.0.q.lora_A.w"] and seen["gradients"].frozen_with_grad == ["visual.w"]
+    assert [g["message"] for g in seen["guards"]] == ["fine", "rank 1: odd"], "a finding of some ranks says which"
+    assert merge(everyone, tensors, zero_b={"m.layers.0.q.lora_B.w"})["gradients"].zero == [], \
+        "A's zero gradient is by design while its B is still zero"
+    hooked = [rank_record(armed=["m.layers.0.q.lora_B.w"], reached=[]), rank_record()]
+    assert merge(hooked, tensors, zero_b=set())["gradients"].missing == ["m.layers.0.q.lora_B.w"], \
+        "a norm for it (ZeRO's zero partition) but no gradient arrived"
+    assert merge([rank_record(armed=["m.layers.0.q.lora_B.w"]), rank_record(reached=["m.layers.0.q.lora_B.w"])],
+                 tensors, zero_b=set())["gradients"].missing == [], "one rank's gradient is the step's"
