@@ -158,6 +158,33 @@ def gathered_trainable(model) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters() if p.requires_grad}
 
 
+class GradientArrival:
+    """Which trainable parameters a gradient reached, from a hook on each (no sync; hooks are removed at
+    the first read). Under DeepSpeed ZeRO ``p.grad`` is always None and a tensor that got no gradient has
+    a zero partition; FSDP2 replaces the parameters it shards, so their hooks never fire and they are left
+    out (a missing one has no ``p.grad`` there)."""
+
+    def __init__(self, model):
+        self.names: dict[int, str] = {}
+        self.reached: set[str] = set()
+        self.handles = []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.names[id(p)] = name
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda _, name=name: self.reached.add(name)))
+
+    def unreached(self, model) -> list[str]:
+        """The hooked parameters still in ``model`` that no gradient reached (named as when hooked)."""
+        self.remove()
+        return [self.names[id(p)] for p in model.parameters()
+                if id(p) in self.names and self.names[id(p)] not in self.reached]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 class SnapshotLike(Protocol):
     """A verified state: the step after which it was taken, the guards' state of that moment, a restore."""
 

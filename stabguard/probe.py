@@ -41,6 +41,7 @@ import torch
 from stabguard import IGNORE_INDEX
 from stabguard.hookspecs import hookimpl
 from stabguard.verdict import Verdict
+from stabguard.engine import GradientArrival
 from stabguard.where import float_tensors, module_of, modules_of
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -210,9 +211,7 @@ class StepRecorder:
         self.recorder: ActivationRange | None = None
         self.handle = None
         self.zero_b: set[str] = set()  # LoRA B matrices still all zero: their A's gradient is 0 by design
-        self.armed: dict[int, str] = {}  # trainable parameters whose gradient's arrival a hook records
-        self.grad_hooks: list = []
-        self.reached: set[str] = set()
+        self.arrival: GradientArrival | None = None
         self.pixels: list[tuple[float, float]] = []
         self.batches: list[dict] = []
         self.loss_sum, self.tokens, self.samples = 0.0, 0, 0
@@ -225,11 +224,7 @@ class StepRecorder:
         self.processor = processor
         self.zero_b = {_bare(n) for n, p in model.named_parameters()
                        if ".lora_B." in n and p.requires_grad and not bool(p.detach().any())}
-        for name, p in model.named_parameters():  # DeepSpeed keeps a zero partition for a tensor it got none for
-            if p.requires_grad:
-                self.armed[id(p)] = _bare(name)
-                self.grad_hooks.append(p.register_post_accumulate_grad_hook(
-                    lambda _, name=_bare(name): self.reached.add(name)))
+        self.arrival = GradientArrival(model)
         self.recorder = ActivationRange(model)
         self.handle = model.register_forward_hook(self._forward, with_kwargs=True)
 
@@ -261,8 +256,6 @@ class StepRecorder:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self.started
         self.handle.remove()
-        for hook in self.grad_hooks:
-            hook.remove()
         model = getattr(state.model, "module", state.model)  # DeepSpeed's engine, DDP: the model inside
         from stabguard.check import guard_findings
 
@@ -272,9 +265,7 @@ class StepRecorder:
             "frozen_with_grad": [n for n, p in state.model.named_parameters() if not p.requires_grad and
                                  p.grad is not None],
             "trainable": [n for n, p in state.model.named_parameters() if p.requires_grad],
-            # FSDP2 replaces the parameters it shards: their hooks never fire, only the ones still in place count
-            "armed": [self.armed[id(p)] for p in state.model.parameters() if id(p) in self.armed],
-            "reached": sorted(self.reached),
+            "unreached": [_bare(n) for n in self.arrival.unreached(state.model)],
             "peaks": self.recorder.remove(), "pixels": self.pixels, "micro_batches": len(self.batches),
             "samples": self.samples, "loss": float(state.loss), "loss_sum": self.loss_sum, "tokens": self.tokens,
             "seconds": seconds, "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
@@ -324,8 +315,7 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
     token-weighted mean over every rank's tokens. Findings of a guard's ``probe`` once, by rank where they
     differ."""
     first = everyone[0]
-    reached = {n for r in everyone for n in r["reached"]}
-    unreached = {n for n in first["armed"] if n not in reached}  # by a hook on the parameter itself
+    unreached = set.intersection(*(set(r["unreached"]) for r in everyone))  # on no rank
     missing = sorted({n for r in everyone for n in r["trainable"] if n not in tensors or _bare(n) in unreached},
                      key=first["trainable"].index)
     nonfinite = [n for n in first["trainable"] if n in tensors and not math.isfinite(tensors[n])]

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from stabguard import seams
-from stabguard.engine import Engine, Snapshot, SnapshotLike
+from stabguard.engine import Engine, GradientArrival, Snapshot, SnapshotLike
 from stabguard.recipe import RecoverySection
 from stabguard.recovery import Recovery
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
@@ -172,6 +172,7 @@ class GuardedStep:
         self.held: list[Verdict] = []
         self.stopped: Stopped | None = None
         self.reach_checked = False
+        self.arrival: GradientArrival | None = None  # hooks armed for the first step (GuardTrainer.train)
 
     # -- what the micro-batches bring -------------------------------------------------------------
 
@@ -210,7 +211,9 @@ class GuardedStep:
         self.micro_batches = self.micro_quarantined = 0
         if not self.reach_checked:  # the first step: a trainable tensor without a gradient never trains
             self.reach_checked = True
-            self._check_reach(engine.missing_gradients(model), state.step)
+            arrival, self.arrival = self.arrival, None
+            unreached = arrival.unreached(model) if arrival is not None else []
+            self._check_reach(engine.missing_gradients(model) or unreached, state.step)
         if host.max_grad_norm():
             state.clip_to(host.max_grad_norm())
         self.recovery.steady(state, host)  # a tightened clip; the end of a cool-down

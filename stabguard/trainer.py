@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from stabguard import metrics, seams
-from stabguard.engine import TorchEngine, gathered_trainable
+from stabguard.engine import GradientArrival, TorchEngine, gathered_trainable
 from stabguard.recipe import RecoverySection
 from stabguard.recovery import UNNAMED
 from stabguard.step import GuardedStep, StepState
@@ -234,7 +234,14 @@ class GuardedTrainer:
 
     def train(self, *args, **kwargs):
         self.guarded.dropped_this_run = 0
-        out = super().train(*args, **kwargs)
+        if not self.guarded.reach_checked:  # the first step names trainable tensors no gradient reached
+            self.guarded.arrival = GradientArrival(self.model)
+        try:
+            out = super().train(*args, **kwargs)
+        finally:
+            if self.guarded.arrival is not None:  # no step ran
+                self.guarded.arrival.remove()
+                self.guarded.arrival = None
         return TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss), out.metrics)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -19,10 +19,11 @@ step-2 checkpoint, the same fault at its first step (3). "stop": a guard stops t
 batch / rank 0 at step 3). "heal": the last rank's loss spikes x50 at steps 4, 6 and 8 (of 9) with
 ``max_rollbacks = 1``: a rollback, then two healable STOPs healed by the recovery (every other scenario
 runs with ``[recovery] enabled = false``: on 6 samples, step faults put the same sample in two rejected
-steps by chance). "probe": ``stabguard check --probe`` with the gradient path cut after layer 0 (every
-rank) and layer 1's MLP output past fp16's range (the last rank only); "probe-num-items": the probe of a
-forward that ignores num_items_in_batch. "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP
-checks stabguard.engine against the gathered tensors, with a NaN in rank 1's local gradient shard.
+steps by chance). "cut": 2 steps with the gradient path cut after layer 0 (the first step's finding).
+"probe": ``stabguard check --probe`` with the gradient path cut after layer 0 (every rank) and layer 1's
+MLP output past fp16's range (the last rank only); "probe-num-items": the probe of a forward that ignores
+num_items_in_batch. "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP checks
+stabguard.engine against the gathered tensors, with a NaN in rank 1's local gradient shard.
 
 Each rank writes OUT_DIR/rank<r>_<scenario>.json: per step the verdicts, the guards' norm and the norm of
 the full gradients, learning rates, and a digest of what this rank's optimizer steps (its local shards,
@@ -213,6 +214,7 @@ def scenario(name: str, out: Path, last: int, ga: int, per_epoch: int):
         "mixed": lambda: ([], {"max_steps": 6}, None),
         "post_collate": lambda: ([RaisesInPostCollate(rank=1, at=3)], {"max_steps": 8}, None),
         "pre_step": lambda: ([RaisesInPreStep(rank=0, at=3)], {"max_steps": 8}, None),
+        "cut": lambda: ([CutPath()], {"max_steps": 2}, None),
         "heal": lambda: ([LossFault(at=first(4) | first(6) | first(8), scale=50.0 * ga, rank=last)], {"max_steps": 9},
                          None),
     }[name]()
@@ -302,7 +304,8 @@ def main(engine_name: str, model_dir: str, train: str, out_dir: str, name: str) 
                  resume=resume)
     trainer = result.trainer
     adapter = {n: float(t.double().sum()) for n, t in engine.gathered_trainable(trainer.model).items()}
-    events = [e for e in trainer.events.events if e["kind"] in ("skip", "rollback", "stop", "info", "remedy")]
+    kinds = ("skip", "rollback", "stop", "info", "remedy", "finding")
+    events = [e for e in trainer.events.events if e["kind"] in kinds]
     report = {"rank": rank, "world_size": world, "ok": result.ok, "error": result.error, "run": result.run_id,
               "stop_reason": result.stop_reason, "global_step": result.global_step,
               "dropped_steps": result.dropped_steps, "skipped_steps": result.skipped_steps,

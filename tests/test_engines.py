@@ -126,3 +126,18 @@ def test_the_probe_finds_the_accumulation_off_by_batches_times_ranks(request, tm
     (acc,) = [f for f in findings if f["check"] == "probe: accumulation"]
     assert acc["level"] == "error" and "ignores num_items_in_batch" in acc["message"], acc
     assert acc["values"]["factor"] == pytest.approx(4, rel=0.25), "2 batches x 2 ranks"
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
+def test_a_real_run_names_adapters_no_gradient_reached_at_its_first_step(request, tmp_path, tiny_assets, engine):
+    """The run's own check, free of any sync: ZeRO keeps no ``p.grad`` (a hook says what arrived), FSDP2 replaces
+    the parameters (their ``p.grad`` stays None)."""
+    kind = engine.split("-")[0]
+    if kind == "fsdp2" and fsdp2_accelerate_problem():
+        pytest.skip(fsdp2_accelerate_problem())
+    if kind in ZERO:
+        request.getfixturevalue("deepspeed_cpu_ops")
+    for r in engine_run(tmp_path, engine, "cut", tiny_assets, nproc=2):
+        assert r["ok"] and r["global_step"] == 2
+        (finding,) = [e for e in r["events"] if e[0] == "finding"]
+        assert finding[2] == 1 and "got no gradient at step 1, e.g. language_model.layers.0." in finding[3], finding

@@ -149,8 +149,8 @@ def test_a_deepspeed_recipe_outside_torchrun_says_how_to_probe_it(tmp_path, tiny
 
 
 def rank_record(**over):
-    record = {"frozen_with_grad": [], "trainable": ["m.layers.0.q.lora_A.w", "m.layers.0.q.lora_B.w"], "armed": [],
-              "reached": [], "peaks": [("layers.0", 2.0)], "pixels": [(-1.0, 0.5)], "micro_batches": 2, "samples": 1,
+    record = {"frozen_with_grad": [], "trainable": ["m.layers.0.q.lora_A.w", "m.layers.0.q.lora_B.w"], "unreached": [],
+              "peaks": [("layers.0", 2.0)], "pixels": [(-1.0, 0.5)], "micro_batches": 2, "samples": 1,
               "loss": 2.0, "loss_sum": 20.0, "tokens": 10, "seconds": 0.5, "peak_bytes": None, "guards": []}
     return {**record, **over}
 
@@ -172,8 +172,8 @@ def test_the_ranks_records_merge_into_one_report():
     assert [g["message"] for g in seen["guards"]] == ["fine", "rank 1: odd"], "a finding of some ranks says which"
     assert merge(everyone, tensors, zero_b={"m.layers.0.q.lora_B.w"})["gradients"].zero == [], \
         "A's zero gradient is by design while its B is still zero"
-    hooked = [rank_record(armed=["m.layers.0.q.lora_B.w"], reached=[]), rank_record()]
+    hooked = [rank_record(unreached=["m.layers.0.q.lora_B.w"]), rank_record(unreached=["m.layers.0.q.lora_B.w"])]
     assert merge(hooked, tensors, zero_b=set())["gradients"].missing == ["m.layers.0.q.lora_B.w"], \
-        "a norm for it (ZeRO's zero partition) but no gradient arrived"
-    assert merge([rank_record(armed=["m.layers.0.q.lora_B.w"]), rank_record(reached=["m.layers.0.q.lora_B.w"])],
-                 tensors, zero_b=set())["gradients"].missing == [], "one rank's gradient is the step's"
+        "a norm for it (ZeRO's zero partition) but no gradient arrived on any rank"
+    assert merge([rank_record(unreached=["m.layers.0.q.lora_B.w"]), rank_record()], tensors,
+                 zero_b=set())["gradients"].missing == [], "one rank's gradient is the step's"
