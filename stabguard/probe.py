@@ -205,8 +205,8 @@ class StepRecorder:
     parameters, and a missing one has no norm). The loss the Trainer accumulates is compared with the
     token-weighted cross-entropy of the very logits it came from."""
 
-    def __init__(self, plugins, recipe, events):
-        self.plugins, self.recipe, self.events = plugins, recipe, events
+    def __init__(self, plugins, recipe):
+        self.plugins, self.recipe = plugins, recipe
         self.processor = None
         self.recorder: ActivationRange | None = None
         self.handle = None
@@ -250,6 +250,8 @@ class StepRecorder:
     @hookimpl
     def pre_step(self, state, events):
         """The gradients are complete: the guards' ``probe`` hooks read them here, before the veto drops them."""
+        from stabguard.check import guard_findings
+
         if self.seen is not None or self.started is None:
             return None
         if torch.cuda.is_available():
@@ -257,8 +259,6 @@ class StepRecorder:
         seconds = time.perf_counter() - self.started
         self.handle.remove()
         model = getattr(state.model, "module", state.model)  # DeepSpeed's engine, DDP: the model inside
-        from stabguard.check import guard_findings
-
         found = _Found()
         guard_findings(self.plugins, "probe", found, events, recipe=self.recipe, model=model, batches=self.batches)
         self.mine = {
@@ -378,7 +378,7 @@ def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str 
     from stabguard.runner import build_trainer, quiet_log_dicts
 
     args = transformers.TrainingArguments(**probe_arguments(recipe, batches, output_dir))
-    recorder = StepRecorder(plugins, recipe, events)
+    recorder = StepRecorder(plugins, recipe)
     plugins.register(recorder, PROBE_PLUGIN, source="core")
     try:
         trainer = build_trainer(recipe, plugins, events, args)
