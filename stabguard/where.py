@@ -38,7 +38,8 @@ class Where:
         non-finite micro-batch was replayed, or None (not replayed, or every output finite).
     :ivar layers: ``{layer: share}`` (``language_model.layers.3``, ``visual.blocks.0``, ``lm_head``, ...).
     :ivar tensors: ``{parameter name: global gradient norm}`` for every parameter with a gradient (as the
-        engine names them; not kept in the event log). A trainable parameter missing here got none.
+        engine names them; not kept in the event log). A trainable parameter missing here got none (under
+        ZeRO, which keeps a zero partition for it, it is here with 0).
     """
 
     modules: list[tuple[str, str, float]] = field(default_factory=list)

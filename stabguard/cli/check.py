@@ -56,7 +56,6 @@ def command(recipe, gpu_mem, world_size, as_json, rows, images, batch, probe, ba
     from stabguard.check import preflight
     from stabguard.cli.run import close_process_group
     from stabguard.progress import command_progress
-
     from stabguard.run_dir import check_run_dir, is_run_dir
 
     if is_run_dir(recipe):
