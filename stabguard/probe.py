@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from stabguard import IGNORE_INDEX
+from stabguard.engine import GradientArrival
 from stabguard.hookspecs import hookimpl
 from stabguard.verdict import Verdict
-from stabguard.engine import GradientArrival
 from stabguard.where import float_tensors, module_of, modules_of
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -314,13 +314,12 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
     largest activation and pixel range of any rank, the loss the Trainer logs (the ranks' mean) against the
     token-weighted mean over every rank's tokens. Findings of a guard's ``probe`` once, by rank where they
     differ."""
-    first = everyone[0]
+    trainable = everyone[0]["trainable"]  # the same names on every rank, as the global norms are
     unreached = set.intersection(*(set(r["unreached"]) for r in everyone))  # on no rank
-    missing = sorted({n for r in everyone for n in r["trainable"] if n not in tensors or _bare(n) in unreached},
-                     key=first["trainable"].index)
-    nonfinite = [n for n in first["trainable"] if n in tensors and not math.isfinite(tensors[n])]
-    zero = [n for n in first["trainable"]
-            if tensors.get(n) == 0.0 and n not in set(missing) and not _a_of_zero_b(n, zero_b)]
+    missing = [n for n in trainable if n not in tensors or _bare(n) in unreached]
+    nonfinite = [n for n in trainable if n in tensors and not math.isfinite(tensors[n])]
+    zero = [n for n in trainable
+            if tensors.get(n) == 0.0 and _bare(n) not in unreached and not _a_of_zero_b(n, zero_b)]
     frozen = sorted({n for r in everyone for n in r["frozen_with_grad"]})
     peaks: dict[str, float] = {}
     for r in everyone:
@@ -328,7 +327,7 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
             peaks[module] = max(peaks.get(module, value), value) if math.isfinite(value) else value
     pixels = [p for r in everyone for p in r["pixels"]]
     guards: list[dict] = []
-    for rank, r in enumerate(everyone):
+    for r in everyone:
         for f in r["guards"]:
             key = {k: f[k] for k in ("check", "level", "message")}
             if not any({k: g[k] for k in key} == key for g in guards):
@@ -337,12 +336,12 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
                                f"rank {', '.join(map(str, on))}: {f['message']}"})
     bytes_ = [r["peak_bytes"] for r in everyone if r["peak_bytes"] is not None]
     return {
-        "gradients": Gradients(missing, zero, nonfinite, len(first["trainable"]), frozen),
+        "gradients": Gradients(missing, zero, nonfinite, len(trainable), frozen),
         "peaks": list(peaks.items()),
         "pixels": (min(p[0] for p in pixels), max(p[1] for p in pixels)) if pixels else None,
         "loss": sum(r["loss"] for r in everyone) / len(everyone),
         "reference": sum(r["loss_sum"] for r in everyone) / max(sum(r["tokens"] for r in everyone), 1),
-        "micro_batches": first["micro_batches"], "samples": first["samples"], "ranks": len(everyone),
+        "micro_batches": everyone[0]["micro_batches"], "samples": everyone[0]["samples"], "ranks": len(everyone),
         "seconds": max(r["seconds"] for r in everyone), "peak_bytes": max(bytes_) if bytes_ else None,
         "guards": guards,
     }

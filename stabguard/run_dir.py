@@ -4,7 +4,7 @@ A run made with the Trainer alone (LLaMA-Factory, a script of one's own) leaves 
 ``trainer_state.json`` (its log history), ``training_args.bin`` (the arguments, a pickle), and with PEFT
 ``adapter_config.json`` (the base model, the LoRA targets), at the top or in ``checkpoint-N/``. From them:
 
-- the run's arguments against DeepSpeed's known pitfalls and the precision rule (fp16 on a bf16 model);
+- the run's arguments against DeepSpeed's known pitfalls;
 - the stack of *this* machine and the run's precision, engine and model against ``known_bad.toml``;
 - what the log history shows (``stabguard report``'s diagnosis: non-finite losses, grad-norm spikes, ...).
 
@@ -36,8 +36,8 @@ def _newest(path: Path, name: str) -> Path | None:
     """``name`` at the top of the run directory, else in its newest checkpoint."""
     if (path / name).is_file():
         return path / name
-    found = sorted(path.glob(f"checkpoint-*/{name}"), key=lambda p: int(p.parent.name.split("-")[-1])
-                   if p.parent.name.split("-")[-1].isdigit() else -1)
+    found = sorted((p for p in path.glob(f"checkpoint-*/{name}") if p.parent.name[len("checkpoint-"):].isdigit()),
+                   key=lambda p: int(p.parent.name[len("checkpoint-"):]))
     return found[-1] if found else None
 
 
@@ -52,23 +52,17 @@ def training_args(path: Path) -> dict[str, Any]:
     """The fields of ``training_args.bin`` the checks read (None where the file or the field is absent)."""
     from stabguard.trainer_state import training_arg
 
-    names = ("fp16", "bf16", "deepspeed", "fsdp", "fsdp_config", "gradient_accumulation_steps", "max_grad_norm",
-             "learning_rate", "per_device_train_batch_size", "gradient_checkpointing")
-    return {name: training_arg(path, name) for name in names}
+    return {name: training_arg(path, name) for name in ("fp16", "bf16", "deepspeed", "fsdp", "fsdp_config")}
 
 
 def model_facts(path: Path) -> dict[str, Any]:
-    """The base model's name, dtype and quantization, from the adapter's and the model's configs."""
+    """The base model's name and quantization, from the adapter's and the model's configs."""
     adapter = _json(_newest(path, "adapter_config.json"))
     base = adapter.get("base_model_name_or_path")
     config = _json(_newest(path, "config.json")) or (_json(Path(base) / "config.json") if base else {})
-    quantization = (config.get("quantization_config") or {})
-    return {
-        "model": base or config.get("_name_or_path"),
-        "dtype": config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype"),
-        "quantization": "4bit" if quantization.get("load_in_4bit") or quantization.get("_load_in_4bit") else "none",
-        "targets": adapter.get("target_modules"),
-    }
+    quantization = config.get("quantization_config") or {}
+    return {"model": base or config.get("_name_or_path"),
+            "quantization": "4bit" if quantization.get("load_in_4bit") or quantization.get("_load_in_4bit") else "none"}
 
 
 def check_run_dir(path: str | Path, *, probe: bool = False) -> Report:
@@ -78,24 +72,19 @@ def check_run_dir(path: str | Path, *, probe: bool = False) -> Report:
 
     path = Path(path)
     report = Report(str(path))
-    args = training_args(path)
     found = [name for name in ("trainer_state.json", "training_args.bin", "adapter_config.json", "config.json")
              if _newest(path, name)]
     report.add("run directory", "ok", f"a Hugging Face run directory (no recipe): {', '.join(found)}")
-    if not _newest(path, "training_args.bin"):
+    saved = "training_args.bin" in found
+    if not saved:
         report.add("run directory", "info", "no training_args.bin: precision and engine unknown, their checks skipped")
-    training = {k: v for k, v in args.items() if v is not None}
-    model = model_facts(path)
-    precision = precision_of(training)
+    training = {k: v for k, v in training_args(path).items() if v is not None}
     if training.get("deepspeed"):
         for level, message in deepspeed_findings(deepspeed_config(training["deepspeed"]), training):
             report.add("engine", level, message)
-    facts = {**environment_facts(), "engine": engine_spec(training).kind if training else None,
-             "precision": precision if _newest(path, "training_args.bin") else None, "model": model["model"],
-             "quantization": model["quantization"], "attn_implementation": None, "max_length": None}
-    if precision == "fp16" and str(model["dtype"]).endswith("bfloat16"):
-        report.add("precision", "error", f"the run is fp16 on a model saved in bfloat16 ({model['model']}): "
-                   "activations bf16 holds overflow fp16's 65504. Fix: bf16 = true, fp16 = false")
+    facts = {**environment_facts(), **model_facts(path), "attn_implementation": None, "max_length": None,
+             "engine": engine_spec(training).kind if saved else None,
+             "precision": precision_of(training) if saved else None}
     stack = stack_findings(facts)
     for level, message, details in stack:
         report.add("stack", level, message, details)
