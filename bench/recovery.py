@@ -16,6 +16,11 @@ Scenarios (every one natural but ``damage-x4``, which is a fault injected after 
 
 - ``poisoned``: one sample's last answer replaced by 200 random characters in the data file itself: the
   same sample, every epoch;
+- ``poison-batch``: a sample that damages its whole micro-batch, every time it is in one (a forward hook
+  pushes the logits of every row of that batch, as packing without per-sample attention, MoE capacity
+  dropping or a padding blow-up do): its neighbours' losses rise with it;
+- ``transient``: a one-off spike at steps 30 and 60 (the first micro-batch's logits pushed in its training
+  forward only): nothing in the data or the weights reproduces it;
 - ``lr-NNN``: the learning rate raised, clipping off (``max_grad_norm = 0``) in every arm; each rate of
   ``--lrs`` is run, as a search for one that diverges on its own;
 - ``damage-x4``: noise (std 0.5) on every adapter after the updates of steps 20, 35, 50 and 65.
@@ -47,6 +52,8 @@ from instability import Result, Scenario, make_probe  # noqa: E402
 ARMS = ("plain", "ms-swift", "OLMo-core", "stabguard, no recovery", "stabguard")
 STEPS = 96
 POISONED_LINE = 7
+POISON_BATCH_LINE = 12
+PUSH = 50.0  # how far the poison-batch and transient faults push the logits (about the loss they add)
 instability.STEPS = STEPS  # sections() and the lost-step count of instability's helpers read it
 
 
@@ -54,6 +61,9 @@ def scenarios(lrs: list[float]) -> list[Scenario]:
     found = [Scenario("clean", "no fault"),
              Scenario("poisoned", f"line {POISONED_LINE}'s last answer is 200 random characters (every epoch)",
                       natural=True),
+             Scenario("poison-batch", f"line {POISON_BATCH_LINE} pushes the logits of every row of its "
+                      "micro-batch (every epoch)"),
+             Scenario("transient", "a one-off logit push in the training forward of steps 30 and 60"),
              Scenario("damage-x4", "noise (std 0.5) on every adapter after steps 20, 35, 50, 65",
                       damage=(20, 35, 50, 65))]
     found += [Scenario(f"lr-{lr:g}", f"lr {lr:g} ({lr / 3e-3:g}x), no clipping (max_grad_norm 0)",
@@ -84,21 +94,67 @@ def build(arm: str, assets: dict[str, Path], out: Path, scenario: Scenario, reco
     return instability.build(arm, assets, out, scenario)
 
 
+class Push:
+    """A forward hook on the model: the logits of the chosen rows pushed towards the last token (never a
+    target), the loss recomputed. ``poison``: rows told by their tokens (a replay is hit as training
+    was); ``steps``: the first training forward of those optimizer steps only (a one-off)."""
+
+    def __init__(self, trainer, poison: set[int] = frozenset(), steps: tuple[int, ...] = ()):
+        self.trainer, self.poison, self.steps, self.done = trainer, poison, steps, set()
+
+    def __call__(self, module, args, kwargs, output):
+        from stabguard.faults import _causal_loss, _fingerprint, _mask
+
+        ids = kwargs.get("input_ids")
+        step = self.trainer.state.global_step + 1
+        once = module.training and torch.is_grad_enabled() and step in self.steps and step not in self.done
+        hit = any(_fingerprint(r, m) in self.poison for r, m in zip(ids, _mask(kwargs, ids))) if self.poison else once
+        if not hit:
+            return None
+        self.done.add(step)
+        push = torch.zeros_like(output.logits)
+        push[:, :, -1] = PUSH
+        output.logits = output.logits + push
+        if kwargs.get("labels") is not None:
+            output.loss = _causal_loss(output.logits, kwargs["labels"], kwargs.get("num_items_in_batch"))
+        return output
+
+
+def fingerprint_of(trainer, line: int) -> int:
+    """The tokens of the training sample on ``line``, as a collated row (what Push recognises)."""
+    from stabguard.collate import ChatCollator
+    from stabguard.faults import _fingerprint
+
+    processor = trainer.processing_class
+    row = ChatCollator(processor, max_length=4096)([trainer.train_dataset[line - 1]])
+    return _fingerprint(row["input_ids"][0], row["attention_mask"][0])
+
+
 def run_one(arm: str, scenario: Scenario, assets: dict[str, Path], out: Path, probe,
-            recovery: dict) -> tuple[Result, list[str]]:
+            recovery: dict) -> tuple[Result, list[str], int]:
     transformers.logging.set_verbosity_error()
     trainer, ledger = build(arm, assets, out, scenario, recovery)
+    if scenario.name == "poison-batch":
+        trainer.model.register_forward_hook(Push(trainer, {fingerprint_of(trainer, POISON_BATCH_LINE)}),
+                                            with_kwargs=True)
+    if scenario.name == "transient":
+        trainer.model.register_forward_hook(Push(trainer, steps=(30, 60)), with_kwargs=True)
     result = instability.train_and_measure(trainer, ledger, arm, scenario, probe)
+    if not arm.startswith("stabguard"):
+        return result, [], 0
     remedies = [f"{e['values']['remedy']}@{e['step']}" for e in trainer.events.of_kind("remedy")
-                if e["values"]["remedy"] != "cool_down_end"] if arm.startswith("stabguard") else []
-    return result, remedies
+                if e["values"]["remedy"] != "cool_down_end"]
+    culprit = {"poisoned": POISONED_LINE, "poison-batch": POISON_BATCH_LINE}.get(scenario.name)
+    innocent = [s for s in trainer.guarded.recovery.quarantined if s != f"{assets['train']}:{culprit}"]
+    return result, remedies, len(innocent)
 
 
-def cell(r: Result, clean: Result, remedies: list[str]) -> str:
+def cell(r: Result, clean: Result, remedies: list[str], innocent: int | None) -> str:
     loss = "**NaN weights**" if not r.finite else f"{r.final_loss:.3f} ({r.final_loss - clean.final_loss:+.3f})"
     healed = f"; remedies: {', '.join(remedies)}" if remedies else ""
+    blamed = f"; innocent quarantined: {innocent}" if innocent is not None else ""
     ended = "" if r.outcome == "finished" else f"; **{r.outcome}**"
-    return f"{loss}; lost {r.lost - clean.lost}{healed}{ended}"
+    return f"{loss}; lost {r.lost - clean.lost}{healed}{blamed}{ended}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             cells = {}
             for arm in ARMS:
                 out = Path(tmp) / "out" / f"{scenario.name}-{arm.replace(', ', '-').replace(' ', '')}"
-                result, remedies = run_one(arm, scenario, assets, out, probe, json.loads(opts.recovery))
+                result, remedies, innocent = run_one(arm, scenario, assets, out, probe, json.loads(opts.recovery))
                 clean.setdefault(arm, result)
-                cells[arm] = cell(result, clean[arm], remedies)
-                print(f"{scenario.name:<10} {arm:<24} {result.outcome:<20} loss {result.final_loss:8.4f} "
-                      f"lost {result.lost:3d} {' '.join(remedies)}", flush=True)
+                cells[arm] = cell(result, clean[arm], remedies, innocent if arm.startswith("stabguard") else None)
+                print(f"{scenario.name:<12} {arm:<24} {result.outcome:<20} loss {result.final_loss:8.4f} "
+                      f"lost {result.lost:3d} innocent {innocent} {' '.join(remedies)}", flush=True)
             rows.append((scenario, cells))
     warmed = json.loads((warm["model"].parent / "warm.json").read_text())
     section = report(rows, time.perf_counter() - began, opts, warmed)

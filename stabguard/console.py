@@ -25,7 +25,8 @@ from rich.text import Text
 from stabguard import metrics, seams
 
 STYLES = {"skip": "yellow", "stop": "bold red", "error": "bold red", "alert": "magenta", "rollback": "cyan",
-          "finding": "yellow", "drop": "yellow", "overflow": "yellow", "info": "blue", "remedy": "bold green"}
+          "finding": "yellow", "drop": "yellow", "overflow": "yellow", "info": "blue", "remedy": "bold green",
+          "diagnosis": "cyan"}
 
 # Log keys worth a glance, in this order, with the label they get on the console.
 LOG_KEYS = {"loss": "loss", "grad_norm": "grad", metrics.GRAD_NORM_MAX_SINCE_LOG: "max grad",

@@ -7,9 +7,13 @@ Every fault happens where a real one would, before any guard looks:
 - ``nan_grad_at`` / ``inf_grad_at``: a NaN or an Inf in one LoRA gradient during the backward pass of
   the chosen optimizer steps; ``grad_scale_at``: that gradient multiplied by ``grad_scale`` (finite, huge);
 - ``loss_spike_at``: the loss of the chosen steps multiplied by ``loss_scale`` (the gradients follow);
-- ``spike_samples``: a sample that spikes every time it is trained: its own share of the loss multiplied
-  by ``loss_scale`` (its id, ``path:line``, or the end of it after a ``/``: ``train.jsonl:7``); once its
-  labels are masked (quarantined) it adds nothing;
+- ``spike_samples``: a sample that spikes every time it is seen, in training or in a replay: its logits
+  pushed by ``logit_push`` towards a token it never predicts, so its own loss rises by about that much
+  (its id, ``path:line``, or the end of it after a ``/``: ``train.jsonl:7``); once it is quarantined
+  (its rows removed) it is never seen again;
+- ``poison_batch_samples``: a sample that damages its whole micro-batch: whenever it is in one, every row
+  of it gets that push (what packing without per-sample attention, MoE capacity dropping or a padding
+  blow-up do); alone, only the sample itself is hit;
 - ``damage_at``: a finite damaging update (noise added to every trainable weight right after the chosen
   steps' update: nothing is non-finite, only the next losses show it);
 - ``nan_pixels_at``: a corrupt image (every pixel value NaN) in the chosen collated micro-batches;
@@ -38,8 +42,12 @@ class Options(GuardOptions):
     grad_scale: float = Field(default=1e4, gt=0, description="the factor for grad_scale_at")
     loss_spike_at: list[int] = Field(default_factory=list, description="optimizer steps whose loss is scaled")
     loss_scale: float = Field(default=50.0, gt=0, description="the factor for loss_spike_at")
-    spike_samples: list[str] = Field(default_factory=list, description="samples whose own loss is scaled "
-                                     "whenever they are trained")
+    spike_samples: list[str] = Field(default_factory=list, description="samples whose own loss is raised "
+                                     "whenever they are seen")
+    poison_batch_samples: list[str] = Field(default_factory=list, description="samples that raise the loss of "
+                                            "every row of their micro-batch")
+    logit_push: float = Field(default=50.0, gt=0, description="how far spike_samples and poison_batch_samples "
+                              "push the logits (about the loss they add)")
     damage_at: list[int] = Field(default_factory=list, description="optimizer steps whose update is followed "
                                  "by noise on every trainable weight")
     damage_std: float = Field(default=0.5, gt=0, description="the noise's standard deviation for damage_at")
@@ -52,7 +60,8 @@ class FaultInjector:
         self.options = options
         self.step = 1  # the optimizer step the next forward/backward pass belongs to
         self.collated = 0  # micro-batches collated so far
-        self.spiking_rows: list[int] = []  # rows of the next micro-batch that are spike_samples
+        self.spiking: set[int] = set()  # fingerprints of spike_samples' rows (their tokens), as collated
+        self.poisoning: set[int] = set()  # and of poison_batch_samples' rows
 
     @hookimpl
     def setup_model(self, model, events):
@@ -60,8 +69,8 @@ class FaultInjector:
         param.register_hook(self._corrupt)
         if self.options.loss_spike_at:
             model.register_forward_hook(self._spike)
-        if self.options.spike_samples:
-            model.register_forward_hook(self._spike_rows, with_kwargs=True)
+        if self.options.spike_samples or self.options.poison_batch_samples:
+            model.register_forward_hook(self._push_rows, with_kwargs=True)
         armed = {k: v for k, v in self.options.model_dump().items() if k.endswith("_at") and v}
         events.record(NAME, "info", f"fault injection armed on {name}: {armed or 'nothing'}", armed=armed)
 
@@ -72,29 +81,41 @@ class FaultInjector:
         return grad if scale is None and value is None else corrupted(grad, value=value, scale=scale)
 
     def _spike(self, module, args, output):
-        if module.training and self.step in self.options.loss_spike_at and getattr(output, "loss", None) is not None:
+        if module.training and torch.is_grad_enabled() and self.step in self.options.loss_spike_at and getattr(output, "loss", None) is not None:
             output.loss = output.loss * self.options.loss_scale
             return output
         return None
 
-    def _spike_rows(self, module, args, kwargs, output):
-        labels, loss = kwargs.get("labels"), getattr(output, "loss", None)
-        if not (module.training and self.spiking_rows) or labels is None or loss is None:
+    def _push_rows(self, module, args, kwargs, output):
+        """Rows are told by their tokens, so a replay, alone or in another batch, is hit as training was."""
+        ids, logits = kwargs.get("input_ids"), getattr(output, "logits", None)
+        if ids is None or logits is None:
             return None
-        logits, targets = output.logits[:, :-1].float(), labels[:, 1:]
-        own = sum(torch.nn.functional.cross_entropy(logits[row], targets[row], ignore_index=IGNORE_INDEX,
-                                                    reduction="sum") for row in self.spiking_rows)
-        tokens = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        output.loss = loss + (self.options.loss_scale - 1) * own / tokens
+        prints = [_fingerprint(row, mask) for row, mask in zip(ids, _mask(kwargs, ids))]
+        rows = [r for r, f in enumerate(prints) if f in self.spiking]
+        if any(f in self.poisoning for f in prints):
+            rows = list(range(len(prints)))
+        if not rows:
+            return None
+        push = torch.zeros_like(logits)
+        push[rows, :, -1] = self.options.logit_push  # the last token of the vocabulary: never a target here
+        output.logits = logits + push
+        labels = kwargs.get("labels")
+        if labels is not None and getattr(output, "loss", None) is not None:
+            output.loss = _causal_loss(output.logits, labels, kwargs.get("num_items_in_batch"))
         return output
 
-    def _spikes(self, sample_id: str) -> bool:
-        return any(sample_id == s or sample_id.endswith("/" + s) for s in self.options.spike_samples)
+    def _named(self, sample_id: str, names: list[str]) -> bool:
+        return any(sample_id == s or sample_id.endswith("/" + s) for s in names)
 
     @hookimpl(tryfirst=True)  # before any guard audits the batch
     def post_collate(self, batch, samples, events):
         self.collated += 1
-        self.spiking_rows = [i for i, s in enumerate(samples) if self._spikes(str(s.get("id")))]
+        for row, sample in enumerate(samples):
+            for names, found in ((self.options.spike_samples, self.spiking),
+                                 (self.options.poison_batch_samples, self.poisoning)):
+                if self._named(str(sample.get("id")), names):
+                    found.add(_fingerprint(batch["input_ids"][row], _mask(batch, batch["input_ids"])[row]))
         if self.collated in self.options.nan_pixels_at and "pixel_values" in batch:
             batch["pixel_values"].fill_(float("nan"))
             events.record(NAME, "info", f"fault: NaN pixels in micro-batch {self.collated}",
@@ -118,6 +139,24 @@ class FaultInjector:
             param.add_(noise.to(param.device, param.dtype))
         events.record(NAME, "info", f"fault: noise (std {self.options.damage_std:g}) added to every trainable "
                       f"weight after step {step}'s update", step=step, fault="damage")
+
+
+def _mask(inputs, ids: torch.Tensor) -> torch.Tensor:
+    mask = inputs.get("attention_mask")
+    return mask if mask is not None else torch.ones_like(ids)
+
+
+def _fingerprint(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    return hash(tuple(ids[mask.bool()].tolist()))
+
+
+def _causal_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -> torch.Tensor:
+    """The causal LM loss as the model computes it (mean over supervised tokens, or their sum / num_items)."""
+    flat, targets = logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device)
+    if num_items is None:
+        return torch.nn.functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX)
+    total = torch.nn.functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / num_items
 
 
 @hookimpl

@@ -230,16 +230,18 @@ def pre_step(state: StepState, events: EventLog) -> Verdict | None:
 def propose_remedies(state: StepState, recovery: Recovery, events: EventLog) -> Remedy | list[Remedy] | None:
     """The ranks agreed on a healable STOP (``state.verdict.healable``) and the core is about to heal it.
 
-    Fires on every rank, after the agreement and before the verdict is applied, only when no repeat
-    offender is being quarantined already. The core applies the first remedy proposed (by any guard), if
-    the recovery budget has room: it calls its ``apply()`` on every rank, records a ``remedy`` event with
-    its evidence and its before/after values, and turns the STOP into a ROLLBACK to the last verified state.
-    With no proposal it uses its own next remedy (quarantine, cool-down, tighter clip). Propose the same
-    remedy on every rank; keep what it changed in your ``state_dict`` so a resume restores it.
+    Fires on every rank, after the agreement, the restore of the last verified state and the replay of the
+    step, only when the replay's evidence names no sample to quarantine. The core applies the first remedy
+    proposed (by any guard), if the recovery budget has room: it calls its ``apply()`` on every rank,
+    records a ``remedy`` event with its evidence and its before/after values, and the STOP stays a ROLLBACK
+    to the last verified state. With no proposal it picks its own by the evidence (rewind, reset_moments,
+    cool-down, tighter clip, retry). Propose the same remedy on every rank; keep what it changed in your
+    ``state_dict`` so a resume restores it.
 
     :param state: the :class:`~stabguard.step.StepState` of the stopping step (``verdict``, ``where``).
     :param recovery: the core's :class:`~stabguard.recovery.Recovery`: ``quarantined``, ``cool``, ``clip``,
-        ``rejected`` (sample -> rejected steps) and ``applied`` (``[step, remedy]``), to read.
+        ``rejected`` (``[step, diagnosis]`` of the recent rejected steps) and ``applied``
+        (``[step, remedy]``), to read.
     :param events: the run's event log.
     :return: a :class:`~stabguard.recovery.Remedy` with ``apply`` set (or a list; None: nothing to
         propose). Results are gathered from every implementation; the first one wins.
@@ -248,9 +250,11 @@ def propose_remedies(state: StepState, recovery: Recovery, events: EventLog) -> 
 
 @hookspec
 def on_rollback(state: StepState, restored_step: int, events: EventLog) -> None:
-    """A ROLLBACK restored the weights and optimizer state of the last verified snapshot.
+    """A ROLLBACK restored the weights and optimizer state of the last verified snapshot (or a rewind, an
+    earlier one from the ring of verified snapshots).
 
-    Fires on every rank, after the restore and before ``on_step_end``. Guards whose statistics describe
+    Fires on every rank, after the restore and before ``on_step_end`` (a rewind: a second time, with the
+    earlier step). Guards whose statistics describe
     the weights (a loss window) rewind them here, so the restored state is judged by its own history.
 
     :param state: the :class:`~stabguard.step.StepState` of the rolled-back step.

@@ -37,6 +37,7 @@ BUILTIN_PLUGINS = {
     "nonfinite": "stabguard.plugins.nonfinite",
     "optim8bit": "stabguard.plugins.optim8bit",
     "spike": "stabguard.plugins.spike",
+    "divergence": "stabguard.plugins.divergence",
     "precision": "stabguard.plugins.precision",
 }
 

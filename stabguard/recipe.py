@@ -126,29 +126,43 @@ class DataSection(Section):
 
 
 class SnapshotSection(Section):
-    """The core's verified snapshot: what a ROLLBACK restores and a STOP saves."""
+    """The core's verified snapshot: what a ROLLBACK restores and a STOP saves; and a ring of earlier ones
+    that a rewind (a divergence) goes back to."""
 
     every: int = Field(default=1, ge=0, description="optimizer steps between snapshots; 0: none (a STOP "
                        "then saves the current, unverified state and rollbacks act as skips)")
-    offload: bool = Field(default=False, description="keep the snapshot in CPU memory, not on the device")
+    offload: bool = Field(default=False, description="keep the snapshots in CPU memory, not on the device")
+    ring: int = Field(default=2, ge=0, description="earlier verified snapshots kept besides the last (the one "
+                      "with the lowest loss always among them); 0: none, a divergence cannot be rewound")
+    ring_every: int = Field(default=20, ge=1, description="optimizer steps between the ring's snapshots")
 
 
-REMEDIES = ("quarantine", "cool_down", "tighten_clip")
+REMEDIES = ("quarantine", "cool_down", "reset_moments", "rewind", "tighten_clip")
 
 
 class RecoverySection(Section):
-    """``[recovery]`` in a recipe (every key optional)."""
+    """``[recovery]`` in a recipe (every key optional). Each remedy is chosen by the evidence of a replay of
+    the rejected step (stabguard/replay.py); ``remedies`` lists those the run may use."""
 
-    enabled: bool = Field(default=True, description="heal before stopping; false: a healable STOP stops")
+    enabled: bool = Field(default=True, description="diagnose rejected steps and heal before stopping; false: a "
+                          "healable STOP stops, nothing is replayed")
     remedies: list[str] = Field(default_factory=lambda: list(REMEDIES),
-                                description="the core's remedies, in the order a healable STOP uses them")
+                                description="the remedies the evidence may choose from")
     budget: int = Field(default=3, ge=0, description="remedies within budget_window steps; then a STOP stops")
     budget_window: int = Field(default=500, ge=1, description="steps over which remedies are counted")
-    repeat: int = Field(default=2, ge=2, description="rejected steps a sample must be in to be quarantined at once")
-    cool_factor: float = Field(default=0.5, gt=0, lt=1, description="learning-rate factor of a cool-down")
-    cool_steps: int = Field(default=50, ge=0, description="steps a cool-down lasts; 0: the rest of the run")
+    evidence_factor: float = Field(default=3.0, gt=1, description="a replayed sample is high when its loss is "
+                                   "above this times the reference (the best verified state's loss)")
+    burst_steps: int = Field(default=10, ge=1, description="a rejected step within this many steps of the last "
+                             "one is part of a burst: the trajectory, not a one-off")
+    lr_cut: float = Field(default=10.0, gt=1, description="a cool-down brings the learning rate this many times "
+                          "below the rate in force where the loss first went high")
+    cool_steps: int = Field(default=0, ge=0, description="steps a cool-down lasts; 0: the rest of the run")
+    moments_share: float = Field(default=0.5, gt=0, le=1, description="share of the grad norm one module must "
+                                 "hold for reset_moments to reset its Adam moments")
     clip_factor: float = Field(default=0.5, gt=0, lt=1, description="factor that tightens the clip")
     clip_start: float = Field(default=1.0, gt=0, description="the clip a run without max_grad_norm gets first")
+    replay_tolerance: float = Field(default=1e-3, ge=0, description="relative difference between a step's loss "
+                                    "and its replay (same weights, inputs, RNG) that names the hardware")
 
     @field_validator("remedies")
     @classmethod
@@ -157,7 +171,6 @@ class RecoverySection(Section):
         if unknown:
             raise ValueError(f"unknown remedy {unknown[0]!r}; known: {', '.join(REMEDIES)}")
         return value
-
 
 
 class Recipe(BaseModel):

@@ -1,23 +1,28 @@
-"""Recovery: heal a run before it stops, within a budget, and say what was changed and why.
+"""Recovery: diagnose a rejected step, then heal by its evidence, within a budget, saying what and why.
 
-The guarded step (:mod:`stabguard.step`) hands every agreed step that did not proceed to
-:meth:`Recovery.heal`, on every rank, before the verdict is applied:
+The guarded step (:mod:`stabguard.step`) replays every step that did not proceed (:mod:`stabguard.replay`)
+and hands the agreed :class:`~stabguard.replay.Diagnosis` to :meth:`Recovery.heal`, on every rank:
 
-- every rejected step's samples (all ranks') are remembered; a sample found in ``repeat`` rejected steps
-  is a repeat offender and is **quarantined** at once: from then on its rows reach the model with every
-  label -100 and its image's pixels zeroed (no loss, no gradient, wherever it turns up: another epoch,
-  another place in the shuffled order, another rank);
-- a *healable* STOP (a guard's "this keeps going wrong", e.g. the spike guard's rollback budget; see
-  :attr:`~stabguard.verdict.Verdict.healable`) becomes a ROLLBACK to the last verified state, plus one
-  remedy: what a guard proposes through the ``propose_remedies`` hook, else the next of ``remedies``:
-  quarantine the samples of the rejected steps since the last remedy, **cool down** the learning rate
-  (every group scaled by ``cool_factor`` for ``cool_steps`` steps, the scheduler's shape kept), or
-  **tighten the clip** (``clip_factor`` times the clip in force).
+- **concentrated** (some samples high on their own): exactly those samples are **quarantined**, on any
+  rejected step: from then on their rows leave every batch before the forward;
+- **transient** (gone on replay): recorded and counted; the rollback already undid it;
+- **spread** (every sample high, or only together) and **diverged** (the last verified state itself far
+  above the best one kept): the optimizer's trajectory, acted on at a healable STOP.
 
-Each remedy is a ``remedy`` event with its evidence and its before/after values. ``budget`` remedies within
-``budget_window`` steps, and the next healable STOP stays a STOP (with the last verified state, as
-without recovery). Healthy steps pay no host sync: a clip request and a step-number comparison.
-Everything here is in every checkpoint (:meth:`Recovery.state_dict`).
+A healable STOP (a guard's "this keeps going wrong": the spike guard's rollback budget, the divergence
+guard) becomes a ROLLBACK plus one remedy while the budget lasts, chosen by the evidence:
+
+- the last verified state is itself high (diverged) -> **rewind** to the ring's best earlier state and
+  **cool down**;
+- transients in a burst (the updates keep breaking the restored state) -> **reset_moments** of the module
+  ``where`` names when one holds most of the norm, else **cool down**; an isolated transient -> a retry;
+- no replay (sharded weights) -> cool down, then tighten the clip.
+
+A cool-down brings the learning rate ``lr_cut`` times below the rate in force where the loss first went
+high (OPT, by hand). A remedy that did not help (the next healable STOP came first) is not chosen again;
+a cool-down is, only to a lower rate than the one that failed. Guards propose their own remedies through
+``propose_remedies``. Each remedy is a ``remedy`` event with its evidence and before/after values;
+everything is in every checkpoint (:meth:`Recovery.state_dict`). Healthy steps pay no host sync.
 """
 
 from __future__ import annotations
@@ -26,13 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from stabguard import IGNORE_INDEX
 from stabguard.recipe import RecoverySection
+from stabguard.replay import Diagnosis
 from stabguard.verdict import Action, HookError, Verdict
 
 UNNAMED = "batch row "  # a row a framework built without an id: never quarantined (it names no sample)
+REPEATABLE = ("cool_down", "rewind")  # each time to a lower rate than the one that failed
+HISTORY = 200  # steps of (lr, loss) kept to find where the loss first went high
 
 
 @dataclass
@@ -40,7 +45,8 @@ class Remedy:
     """A change to the run, proposed by the core or by a guard (``propose_remedies``), applied and recorded
     by the core.
 
-    :ivar name: what it is ("quarantine", "cool_down", "tighten_clip", or a guard's own name for it).
+    :ivar name: what it is ("quarantine", "cool_down", "rewind", "reset_moments", "tighten_clip", "retry",
+        or a guard's own name for it).
     :ivar evidence: why, in words a person reads in the event.
     :ivar apply: a guard's remedy: does the change and returns ``{"before": ..., "after": ...}`` (JSON
         values). Called once, on every rank, between the restore of the verified state and the next step.
@@ -53,7 +59,6 @@ class Remedy:
     apply: Callable[[], dict] | None = field(default=None, repr=False)
     by: str = "core"
     samples: list[str] = field(default_factory=list)
-    cursor: int | None = field(default=None, repr=False)  # a built-in's: where the core's order goes on
 
 
 class Recovery:
@@ -61,13 +66,12 @@ class Recovery:
 
     def __init__(self, options: RecoverySection | None, events):
         self.options, self.events = options or RecoverySection(), events
-        self.rejected: dict[str, list[int]] = {}  # sample -> rejected steps it was in
-        self.quarantined: dict[str, dict] = {}  # sample -> {"step": ..., "evidence": ...}
+        self.quarantined: dict[str, dict] = {}  # sample -> {"step", "evidence"}
         self.cool: dict | None = None  # {"factor": f, "until": step, or None for the rest of the run}
         self.clip: float | None = None
         self.applied: list[list] = []  # [step, remedy name] of every remedy, for the budget
-        self.cursor = 0  # the next built-in remedy a healable STOP uses
-        self.since_remedy: list[str] = []  # samples of the rejected steps since the last remedy
+        self.rejected: list[list] = []  # [step, diagnosis kind] of every rejected step
+        self.history: dict[int, list] = {}  # step -> [lr, loss or None], the last HISTORY steps
         self.pending: str | None = None  # resumed with --heal after a STOP: why the next remedy is due
 
     # -- every step (no host sync) -------------------------------------------------------------------
@@ -82,105 +86,110 @@ class Recovery:
                                f"-> {after:.3g}", step=state.step, remedy="cool_down_end", before=before, after=after)
             self.cool = None
 
-    def heal_pending(self, state, host) -> list[dict]:
-        """Resumed with ``--heal`` after a STOP: the next built-in remedy, at the first step, asked for by the
-        person who resumed (it counts in the budget, but is applied even when the budget is spent)."""
+    def remember(self, step: int, lr: float, loss: float | None) -> None:
+        """The step's learning rate and (when a guard read it) loss: where a cool-down aims."""
+        self.history[step] = [lr, loss]
+        self.history.pop(step - HISTORY, None)
+
+    def drop_rows(self, ids: list[str]) -> list[int]:
+        """The rows of a batch (by sample id) that are quarantined."""
+        return [i for i, sid in enumerate(ids) if sid in self.quarantined]
+
+    def heal_pending(self, state, host, context) -> list[dict]:
+        """Resumed with ``--heal`` after a STOP: a trajectory remedy at the first step, asked for by the person
+        who resumed (it counts in the budget, but is applied even when the budget is spent)."""
         evidence, self.pending = self.pending, None
-        return [self._apply(Remedy(r.name, evidence, samples=r.samples, cursor=r.cursor), state, host)
-                for r in self._next_builtin()]
+        remedy = self._trajectory(Diagnosis("unknown", [], evidence), context, burst=True)
+        return [self._apply(remedy, state, host, context)] if remedy else []
 
     def next_remedy(self) -> str | None:
-        """The built-in remedy a healable STOP (or ``--heal``) would use next."""
-        found = self._next_builtin()
-        return found[0].name if found else None
-
-    def mask(self, ids: list[str], batch: dict, samples: list[dict]) -> list[str]:
-        """Quarantined rows of a collated batch (CPU tensors, changed in place): labels -100, their images'
-        pixels 0. Returns the ids masked."""
-        rows = [i for i, sid in enumerate(ids) if sid in self.quarantined]
-        if not rows or not torch.is_tensor(batch.get("labels")):
-            return []
-        batch["labels"][rows] = IGNORE_INDEX
-        grid, pixels = batch.get("image_grid_thw"), batch.get("pixel_values")
-        if torch.is_tensor(grid) and torch.is_tensor(pixels):
-            counts = [int(s.get("n_images", 0)) for s in samples]
-            patches = grid.prod(dim=-1).tolist()
-            ends = torch.tensor(patches).cumsum(0).tolist()
-            first = [sum(counts[:i]) for i in range(len(counts))]
-            for row in rows:
-                for image in range(first[row], first[row] + counts[row]):
-                    pixels[ends[image] - patches[image]:ends[image]] = 0
-        return [ids[i] for i in rows]
+        """The remedy ``--heal`` would use."""
+        remedy = self._trajectory(Diagnosis("unknown", [], ""), None, burst=True)
+        return remedy.name if remedy else None
 
     # -- a step that did not proceed -----------------------------------------------------------------
 
-    def heal(self, state, samples: list[str], host, hook) -> list[dict]:
-        """Remember the rejected step's ``samples`` (every rank's), quarantine repeat offenders, and turn a
-        healable STOP into a ROLLBACK with a remedy while the budget lasts. Returns the remedies applied."""
-        opts = self.options
-        samples = [s for s in samples if not s.startswith(UNNAMED)]
-        for sid in dict.fromkeys(samples):
-            self.rejected.setdefault(sid, []).append(state.step)
-        self.since_remedy += [s for s in samples if s not in self.since_remedy]
-        if not opts.enabled:
+    def admit(self, state) -> bool:
+        """A healable STOP with room in the budget becomes a ROLLBACK, before it is applied; :meth:`heal`
+        then picks its remedy (or gives the STOP back)."""
+        verdict = state.verdict
+        if not (self.options.enabled and verdict.action == Action.STOP and verdict.healable):
+            return False
+        if self._room(state.step) <= 0:
+            state.verdict = self.spent(state)
+            return False
+        state.verdict = Verdict(Action.ROLLBACK, verdict.reason, verdict.guard, verdict.error, healable=True)
+        return True
+
+    def heal(self, state, diagnosis: Diagnosis, host, hook, context) -> list[dict]:
+        """Act on a rejected step's agreed ``diagnosis``; ``admitted``: a healable STOP :meth:`admit` turned
+        into a ROLLBACK, which needs a remedy or becomes a STOP again. Returns the remedies applied."""
+        if not self.options.enabled:
             return []
-        proposed = self._repeat_offenders(samples)
-        stopping = state.verdict.action == Action.STOP and state.verdict.healable
-        if stopping and not proposed:
-            proposed = [r for found in hook.propose_remedies(state=state, recovery=self, events=self.events)
-                        for r in (found if isinstance(found, list) else [found]) if r is not None][:1]
-            proposed = proposed or self._next_builtin()
-        done = [self._apply(remedy, state, host) for remedy in proposed[:max(self._room(state.step), 0)]]
-        if stopping and done:
-            names = ", ".join(d["remedy"] for d in done)
-            state.verdict = Verdict(Action.ROLLBACK, f"{state.verdict.reason}; healed: {names}", state.verdict.guard)
-        elif stopping:
-            recent = [f"{name} at step {s}" for s, name in self.applied if state.step - s < opts.budget_window]
-            spent = ", ".join(recent) or "none allowed"
-            state.verdict = Verdict(Action.STOP, f"{state.verdict.reason}; recovery budget spent ({opts.budget} "
-                                    f"remedies within {opts.budget_window} steps: {spent})", state.verdict.guard,
-                                    state.verdict.error, healable=True)
-        return done
-
-    def _repeat_offenders(self, samples: list[str]) -> list[Remedy]:
-        offenders = [s for s in dict.fromkeys(samples)
-                     if s not in self.quarantined and len(self.rejected[s]) >= self.options.repeat]
-        if not offenders or "quarantine" not in self.options.remedies:
+        admitted = state.verdict.action == Action.ROLLBACK and state.verdict.healable
+        burst = self._in_burst(state.step)
+        self.rejected = [r for r in self.rejected if state.step - r[0] < self.options.budget_window]
+        self.rejected.append([state.step, diagnosis.kind])
+        if diagnosis.kind != "unknown" or admitted:
+            self.events.record("core", "diagnosis", f"step {state.step}: {diagnosis.kind}: {diagnosis.said}",
+                               step=state.step, **diagnosis.values())
+        remedy = self._quarantine_of(diagnosis)
+        if admitted and remedy is None:
+            remedy = self._proposed(state, hook) or self._trajectory(diagnosis, context, burst)
+        if remedy is None or (not admitted and self._room(state.step) <= 0):
+            if admitted:
+                state.verdict = self.spent(state, "no remedy left for this evidence" if remedy is None else "")
             return []
-        steps = sorted({step for s in offenders for step in self.rejected[s]})
-        return [Remedy("quarantine", f"in {self.options.repeat}+ rejected steps (steps {', '.join(map(str, steps))})",
-                       samples=offenders)]
+        done = self._apply(remedy, state, host, context)
+        if admitted:
+            state.verdict = Verdict(Action.ROLLBACK, f"{state.verdict.reason}; healed: {remedy.name}",
+                                    state.verdict.guard)
+        return [done]
 
-    def _next_builtin(self) -> list[Remedy]:
-        """The next of ``remedies`` from the cursor (a quarantine with no new sample is passed over); the
-        cursor moves past it once it is applied."""
-        order = self.options.remedies
-        fresh = [s for s in self.since_remedy if s not in self.quarantined]
-        for offset in range(len(order)):
-            name = order[(self.cursor + offset) % len(order)]
-            if name != "quarantine":
-                return [Remedy(name, "the run would have stopped", cursor=self.cursor + offset + 1)]
-            if fresh:
-                return [Remedy("quarantine", "the samples of the rejected steps since the last remedy", samples=fresh,
-                               cursor=self.cursor + offset + 1)]
-        return []
+    def _in_burst(self, step: int) -> bool:
+        return bool(self.rejected) and step - self.rejected[-1][0] <= self.options.burst_steps
 
-    def _apply(self, remedy: Remedy, state, host) -> dict:
-        if remedy.apply is not None:
-            try:
-                change = dict(remedy.apply() or {})
-            except Exception as exc:  # the STOP stands; the core records the failure like a hook's
-                raise HookError("propose_remedies", remedy.by, exc) from exc
-        elif remedy.name == "quarantine":
-            change = self._quarantine(remedy, state.step)
-        elif remedy.name == "cool_down":
-            change = self._cool_down(state.step, host)
-        else:
-            change = self._tighten_clip(host)
+    def _quarantine_of(self, diagnosis: Diagnosis) -> Remedy | None:
+        fresh = [s for s in diagnosis.samples if s not in self.quarantined and not s.startswith(UNNAMED)]
+        if diagnosis.kind != "concentrated" or not fresh or "quarantine" not in self.options.remedies:
+            return None
+        return Remedy("quarantine", diagnosis.said, samples=fresh)
+
+    def _proposed(self, state, hook) -> Remedy | None:
+        found = hook.propose_remedies(state=state, recovery=self, events=self.events)
+        return next((r for f in found for r in (f if isinstance(f, list) else [f]) if r is not None), None)
+
+    def _trajectory(self, diagnosis: Diagnosis, context, burst: bool) -> Remedy | None:
+        """The remedy for a run whose updates, not its data, keep going wrong (none tried in vain before)."""
+        failed = self._failed()
+        allowed = [r for r in self.options.remedies if r not in failed or r in REPEATABLE]
+        share = context.top_share() if context is not None else (None, 0.0)
+        if diagnosis.kind == "diverged" and "rewind" in allowed and context is not None and context.can_rewind():
+            return Remedy("rewind", diagnosis.said)
+        if diagnosis.kind == "transient" and not burst:
+            return Remedy("retry", f"{diagnosis.said}; the last rejected step was more than "
+                          f"{self.options.burst_steps} steps ago: a one-off, the rollback undoes it")
+        if "reset_moments" in allowed and share[0] and share[1] >= self.options.moments_share:
+            return Remedy("reset_moments", f"{diagnosis.said}; {share[1]:.0%} of the grad norm in {share[0]}")
+        for name in ("cool_down", "tighten_clip"):
+            if name in allowed:
+                return Remedy(name, diagnosis.said or "the run would have stopped")
+        return None
+
+    def _failed(self) -> set[str]:
+        """Remedies whose effect did not last: a healable STOP was healed again after them."""
+        return {name for _, name in self.applied if name != "quarantine"}
+
+    def spent(self, state, why: str = "") -> Verdict:
+        opts, verdict = self.options, state.verdict
+        recent = [f"{name} at step {s}" for s, name in self.applied if state.step - s < opts.budget_window]
+        said = why or (f"recovery budget spent ({opts.budget} remedies within {opts.budget_window} steps: "
+                       f"{', '.join(recent) or 'none allowed'})")
+        return Verdict(Action.STOP, f"{verdict.reason}; {said}", verdict.guard, verdict.error, healable=True)
+
+    def _apply(self, remedy: Remedy, state, host, context) -> dict:
+        change = self._change(remedy, state, host, context)
         self.applied.append([state.step, remedy.name])
-        self.since_remedy = []
-        if remedy.cursor is not None:
-            self.cursor = remedy.cursor
         left = self._room(state.step)
         record = {"remedy": remedy.name, "by": remedy.by, "evidence": remedy.evidence, "budget_left": left, **change}
         self.events.record(remedy.by, "remedy", f"step {state.step}: {remedy.name}: {_said(change)} "
@@ -188,24 +197,57 @@ class Recovery:
                            trigger=state.verdict.reason, **record)
         return record
 
+    def _change(self, remedy: Remedy, state, host, context) -> dict:
+        if remedy.apply is not None:
+            try:
+                return dict(remedy.apply() or {})
+            except Exception as exc:  # the STOP stands; the core records the failure like a hook's
+                raise HookError("propose_remedies", remedy.by, exc) from exc
+        if remedy.name == "quarantine":
+            return self._quarantine(remedy, state.step)
+        if remedy.name == "rewind":
+            return {**context.rewind(), **self._cool_down(state.step, host)}
+        if remedy.name == "cool_down":
+            return self._cool_down(state.step, host)
+        if remedy.name == "reset_moments":
+            return context.reset_moments()
+        if remedy.name == "tighten_clip":
+            return self._tighten_clip(host)
+        return {}  # retry: the rollback is the remedy
+
     def _room(self, step: int) -> int:
         """Remedies the budget still allows at ``step``."""
         return self.options.budget - sum(step - s < self.options.budget_window for s, _ in self.applied)
 
     def _quarantine(self, remedy: Remedy, step: int) -> dict:
         for sid in remedy.samples:
-            self.quarantined[sid] = {"step": step, "evidence": remedy.evidence,
-                                     "rejected_steps": list(self.rejected.get(sid, []))}
+            self.quarantined[sid] = {"step": step, "evidence": remedy.evidence}
         return {"samples": list(remedy.samples), "before": len(self.quarantined) - len(remedy.samples),
                 "after": len(self.quarantined)}
 
     def _cool_down(self, step: int, host) -> dict:
-        factor = self.options.cool_factor
+        """The learning rate ``lr_cut`` times below the rate where the loss first went high (and below now)."""
+        peak = host.peak_lr()
+        broke, at = self._rate_where_it_broke(peak)
+        factor = min(1.0, broke / peak) / self.options.lr_cut if peak else 1 / self.options.lr_cut
         before, after = host.scale_lr(factor)
         total = factor * (self.cool["factor"] if self.cool else 1.0)
         until = step + self.options.cool_steps if self.options.cool_steps else None
         self.cool = {"factor": total, "until": until}
-        return {"before": before, "after": after, "until": until}
+        return {"before": before, "after": after, "until": until, "peak_before": peak, "peak_after": peak * factor,
+                "broke_at": at, "broke_lr": broke}
+
+    def _rate_where_it_broke(self, peak: float) -> tuple[float, int | None]:
+        """The learning rate of the first step whose loss went above ``evidence_factor`` x the lowest loss kept."""
+        losses = [(s, lr, loss) for s, (lr, loss) in sorted(self.history.items()) if loss is not None]
+        finite = [loss for _, _, loss in losses if loss == loss and loss != float("inf")]
+        if not finite:
+            return peak, None
+        best = min(finite)
+        low = min(s for s, _, loss in losses if loss == best)
+        high = next(((s, lr) for s, lr, loss in losses
+                     if s > low and lr > 0 and not loss <= self.options.evidence_factor * best), None)
+        return (high[1], high[0]) if high else (peak, None)
 
     def _tighten_clip(self, host) -> dict:
         before = self.clip if self.clip is not None else host.max_grad_norm()
@@ -215,20 +257,28 @@ class Recovery:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rejected": self.rejected, "quarantined": self.quarantined, "cool": self.cool, "clip": self.clip,
-                "applied": self.applied, "cursor": self.cursor, "since_remedy": self.since_remedy}
+        return {"quarantined": self.quarantined, "cool": self.cool, "clip": self.clip, "applied": self.applied,
+                "rejected": self.rejected, "history": {str(k): v for k, v in self.history.items()}}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.rejected = {k: list(v) for k, v in saved.get("rejected", {}).items()}
         self.quarantined = dict(saved.get("quarantined", {}))
         self.cool, self.clip = saved.get("cool"), saved.get("clip")
         self.applied = [list(a) for a in saved.get("applied", [])]
-        self.cursor, self.since_remedy = saved.get("cursor", 0), list(saved.get("since_remedy", []))
+        rejected = saved.get("rejected", [])
+        self.rejected = [list(r) for r in rejected] if isinstance(rejected, list) else []  # older: a dict
+        self.history = {int(k): list(v) for k, v in saved.get("history", {}).items()}
 
 
 def _said(change: dict) -> str:
     if "samples" in change:
         return f"{len(change['samples'])} sample(s) never trained on again: {', '.join(change['samples'])}"
+    if "restored_step" in change:
+        return (f"back to the state after step {change['restored_step']} (loss {_number(change['restored_loss'])}), "
+                f"learning rate {_number(change['before'])} -> {_number(change['after'])}")
+    if "tensors" in change:
+        return f"Adam moments of {len(change['tensors'])} tensor(s) in {change['module']} reset"
+    if not change:
+        return "rolled back, nothing else changed"
     until = f" until step {change['until']}" if change.get("until") else ""
     return f"{_number(change.get('before'))} -> {_number(change.get('after'))}{until}"
 

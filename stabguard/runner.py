@@ -108,6 +108,7 @@ def build_trainer(recipe: Recipe, plugins: Plugins, events: EventLog, args):
                         processing_class=processor, plugins=plugins, events=events,
                         max_consecutive_skips=recipe.max_consecutive_skips,
                         snapshot_every=recipe.snapshots.every, snapshot_offload=recipe.snapshots.offload,
+                        snapshot_ring=recipe.snapshots.ring, snapshot_ring_every=recipe.snapshots.ring_every,
                         recovery=recipe.recovery)
 
 

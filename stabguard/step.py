@@ -13,12 +13,13 @@ once per optimizer step, after the gradients of every micro-batch are accumulate
   this step's micro-batches, and the failures of hooks that ran after the last agreement. A hook that
   raises becomes a STOP naming the hook, plugin, rank and samples.
 - **agree**: the most severe verdict of any rank, on every rank (STOP > ROLLBACK > SKIP > PROCEED).
-- **heal**: a step that did not proceed goes to :class:`~stabguard.recovery.Recovery`: samples found in
-  repeated rejected steps are quarantined, and a healable STOP becomes a ROLLBACK with a remedy
-  (quarantine, cool-down, tighter clip, or a guard's own) while the recovery budget lasts.
 - **apply**: PROCEED takes a snapshot when one is due, then clips; SKIP drops the gradients and holds the
   optimizer and the LR scheduler; ROLLBACK is a SKIP that also restores the last verified snapshot;
   STOP restores it too, has the host save it as a checkpoint, and ends the run.
+- **diagnose, heal**: a step that did not proceed is replayed (:mod:`stabguard.replay`: the same weights
+  for the hardware, the weights now in place for a loss per sample) and the agreed diagnosis goes to
+  :class:`~stabguard.recovery.Recovery`, which quarantines exactly the samples the evidence names and turns
+  a healable STOP into a ROLLBACK with the remedy the evidence picks, while the budget lasts.
 - **notify**: an event for every step that did not proceed (skip, rollback, stop); ``on_step_end`` after
   the host has applied the step.
 
@@ -35,12 +36,13 @@ from typing import Any, Protocol
 
 import torch
 
-from stabguard import seams
+from stabguard import replay, seams
 from stabguard.engine import Engine, GradientArrival, Snapshot, SnapshotLike
-from stabguard.recipe import RecoverySection
+from stabguard.recipe import RecoverySection, SnapshotSection
 from stabguard.recovery import Recovery
+from stabguard.replay import Evidence, Micro
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
-from stabguard.where import Where, first_nonfinite_output, group, modules_of
+from stabguard.where import Where, first_nonfinite_output, group, module_of, modules_of
 
 __all__ = ["GuardedStep", "Snapshot", "StepHost", "StepState", "agree_across_ranks", "load_plugin_states",
            "plugin_states"]
@@ -134,6 +136,12 @@ class StepHost(Protocol):
         """Multiply every group's learning rate, now and in the scheduler's later steps (its shape kept);
         returns the first group's learning rate before and after."""
 
+    def lr(self) -> float:
+        """The first group's learning rate now."""
+
+    def peak_lr(self) -> float:
+        """The scheduler's base rate of the first group (the rate it warms up to), or the rate now."""
+
 
 @dataclass
 class Stopped:
@@ -153,18 +161,20 @@ class GuardedStep:
     """The core's side of every optimizer step: counters, held verdicts, the verified snapshot, a STOP."""
 
     def __init__(self, plugins, events, *, max_consecutive_skips: int = 20, snapshot_every: int = 1,
-                 snapshot_offload: bool = False, recovery: RecoverySection | None = None):
+                 snapshot_offload: bool = False, recovery: RecoverySection | None = None,
+                 snapshots: SnapshotSection | None = None):
         self.plugins, self.events = plugins, events
         self.recovery = Recovery(recovery, events)
         self.heal_on_resume = False  # `stabguard run --resume ... --heal`: a STOP's checkpoint gets a remedy
         self.max_consecutive_skips = max_consecutive_skips
         self.snapshot_every, self.snapshot_offload = snapshot_every, snapshot_offload
+        self.ring_size, self.ring_every = (snapshots.ring, snapshots.ring_every) if snapshots else (2, 20)
         self.skipped_steps = self.consecutive_skips = self.rollbacks = 0
         self.dropped_this_run = 0  # skipped, rolled back or stopped steps since train() started
         self.snapshot: SnapshotLike | None = None
+        self.ring: list[SnapshotLike] = []  # earlier verified snapshots, oldest first (a rewind's targets)
         self.since_snapshot: dict[int, list[str]] = {}  # samples of the updates a restore would undo
-        self.micro_losses: list[torch.Tensor] = []
-        self.micro_inputs: list[dict] = []  # kept until the step decides: a non-finite loss is replayed
+        self.micro: list[Micro] = []  # this step's micro-batches, kept until it decides (a replay needs them)
         self.samples: list[str] = []
         self.micro_batches = self.micro_quarantined = 0  # this step's, and those wholly quarantined
         # Verdicts that join the next decision: the data hooks' for this step's micro-batches, evaluation
@@ -176,18 +186,29 @@ class GuardedStep:
 
     # -- what the micro-batches bring -------------------------------------------------------------
 
-    def add_micro_batch(self, samples: list[str], verdict: Verdict | None, quarantined: bool = False) -> None:
-        """A micro-batch of this step: its samples (those it trains on), its data verdict (held until the
-        step decides), and whether every row of it was quarantined (nothing to train on)."""
+    def add_micro_batch(self, samples: list[str], verdict: Verdict | None, quarantined: bool = False,
+                        inputs: dict | None = None, images: list[int] | None = None) -> None:
+        """A micro-batch of this step: its samples (those it trains on, one per row of ``inputs``), its data
+        verdict (held until the step decides), whether every row of it was quarantined (nothing to train
+        on), and its inputs on the device with the images of each row (kept for a replay; not copied)."""
         self.samples += samples
+        self.micro.append(Micro(inputs or {}, list(samples), list(images or [])))
         self.micro_batches += 1
         self.micro_quarantined += quarantined
         if verdict is not None:
             self.held.append(verdict)
 
+    def add_forward(self, loss: torch.Tensor | None, rng: tuple, extra: dict) -> None:
+        """The model's own loss for the micro-batch being trained, the RNG state its forward started from
+        and the keyword arguments it got besides its inputs: a replay reproduces it from these."""
+        if self.micro:
+            self.micro[-1].loss, self.micro[-1].rng, self.micro[-1].extra = loss, rng, extra
+
     def add_loss(self, loss: torch.Tensor) -> None:
         """The loss of a micro-batch of this step, as it went into backward."""
-        self.micro_losses.append(loss)
+        if not self.micro:
+            self.micro.append(Micro({}, [], []))
+        self.micro[-1].step_loss = loss
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -199,15 +220,15 @@ class GuardedStep:
         # shards' norms meet in one collective; DeepSpeed: its own norm over the ZeRO partitions.
         host.unscale_gradients()
         grad_norm = engine.grad_norm(model)
-        loss = torch.stack(self.micro_losses).sum() if self.micro_losses else torch.zeros((), device=grad_norm.device)
+        losses = [m.step_loss for m in self.micro if m.step_loss is not None]
+        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=grad_norm.device)
         if 0 < self.micro_quarantined < self.micro_batches:  # a wholly quarantined micro-batch's 0 is no loss
             loss = loss * (self.micro_batches / (self.micro_batches - self.micro_quarantined))
         state = StepState(step=host.next_step(), grad_norm=grad_norm, loss=loss, model=model,
                           optimizer=host.optimizer, samples=self.samples,
                           loss_scaled=seams.grad_scaler(host.optimizer) is not None)
-        micro = list(zip(self.micro_losses, self.micro_inputs))
+        micro, self.micro, self.samples = self.micro, [], []
         nothing_left = 0 < self.micro_batches == self.micro_quarantined
-        self.micro_losses, self.micro_inputs, self.samples = [], [], []
         self.micro_batches = self.micro_quarantined = 0
         if not self.reach_checked:  # the first step: a trainable tensor without a gradient never trains
             self.reach_checked = True
@@ -218,7 +239,7 @@ class GuardedStep:
             state.clip_to(host.max_grad_norm())
         self.recovery.steady(state, host)  # a tightened clip; the end of a cool-down
         if self.recovery.pending:  # resumed with --heal from a STOP's checkpoint
-            self.recovery.heal_pending(state, host)
+            self.recovery.heal_pending(state, host, Healing(self, state, engine))
 
         # Decide: the guards' verdicts and the held ones; a hook that raises stops the run.
         verdicts, self.held = self.held, []
@@ -234,12 +255,16 @@ class GuardedStep:
         # Agree: the most severe verdict of any rank, with its reason, on every rank; and whether to say
         # where the step broke (every step that does not proceed, and any a guard asked about).
         state.verdict, asked = agree_across_ranks(verdict, state._where_asked)
-        if asked or state.verdict.action != Action.PROCEED:
+        rejected = state.verdict.action != Action.PROCEED
+        if asked or rejected:
             state.where = self._locate(host, state, engine, micro)
 
-        # Heal: repeat offenders quarantined; a healable STOP becomes a ROLLBACK with a remedy (budgeted).
-        if state.verdict.action != Action.PROCEED:
-            self._heal(host, state)
+        # Replay on the step's own weights: a different loss from the same weights, inputs and RNG is the
+        # hardware. A healable STOP with room in the recovery budget becomes a ROLLBACK, healed below.
+        replayable = rejected and self.recovery.options.enabled and engine.replayable(model)
+        mismatches = self._determinism(host, state, micro) if replayable else []
+        if rejected:
+            self.recovery.admit(state)
 
         # Apply.
         action = state.verdict.action
@@ -254,30 +279,74 @@ class GuardedStep:
             self.dropped_this_run += 1
         if action == Action.ROLLBACK:
             self._roll_back(state)
-        if action == Action.STOP:
+
+        # Diagnose and heal: each sample's loss replayed on the weights now in place (the verified state
+        # after a rollback); the evidence of every rank picks the remedy, or gives a healed STOP back.
+        if rejected:
+            self._heal(host, state, engine, micro if replayable else [], mismatches)
+        if state.verdict.action == Action.STOP:
             self._stop(host, state)
 
         # Notify (``on_step_end`` fires once the host has applied the step).
         self._record(state)
+        self.recovery.remember(state.step, host.lr(), state._host["loss"] if state._host else None)
         return state
 
     def _locate(self, host: StepHost, state: StepState, engine: Engine, micro: list) -> Where:
         """Where an anomalous step broke, before its update is applied or dropped (every rank: collectives)."""
         names, norms = engine.tensor_norms(state.model)
         where = group(names, norms.tolist())
-        losses = torch.stack([loss.float() for loss, _ in micro]).tolist() if micro else []
-        replay = next((inputs for value, (_, inputs) in zip(losses, micro) if not math.isfinite(value)), None)
+        kept = [m for m in micro if m.step_loss is not None and m.inputs]
+        losses = torch.stack([m.step_loss.float() for m in kept]).tolist() if kept else []
+        replay = next((m.inputs for value, m in zip(losses, kept) if not math.isfinite(value)), None)
         first = None
         if replay is not None and engine.replayable(state.model):
             first = first_nonfinite_output(host.replay_model(state.model), replay)
         where.first_nonfinite_output = first_across_ranks(first)
         return where
 
-    def _heal(self, host: StepHost, state: StepState) -> None:
+    def _determinism(self, host: StepHost, state: StepState, micro: list[Micro]) -> list[dict]:
+        model = host.replay_model(state.model)
+        return self._replaying(state, lambda: replay.check_determinism(
+            model, micro, _rank(), lambda m: m.extra, self.recovery.options.replay_tolerance)) or []
+
+    def _replaying(self, state: StepState, call):
+        """A replay that raises is an error event, not a crash: the step goes on without its evidence."""
         try:
-            self.recovery.heal(state, samples_across_ranks(state.samples), host, self.plugins.hook)
-        except HookError as exc:  # a guard's remedy failed: the verdict stands, the failure stops the run
+            return call()
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, the run keeps its verdict
+            self.events.record("core", "error", f"step {state.step}: the replay failed ({type(exc).__name__}: "
+                               f"{exc}); no evidence for this step", step=state.step, exception=type(exc).__name__)
+            return None
+
+    def _heal(self, host: StepHost, state: StepState, engine: Engine, micro: list[Micro],
+              mismatches: list[dict]) -> None:
+        evidence = Evidence(reference=loss_of(self.snapshot), best=self._best(),
+                            factor=self.recovery.options.evidence_factor, mismatches=mismatches)
+        gathered = micro and self._replaying(state, lambda: replay.gather(host.replay_model(state.model), micro,
+                                                                           evidence))
+        evidence = evidence_across_ranks(evidence if gathered else Evidence(mismatches=mismatches))
+        self._say_hardware(state.step, evidence.mismatches)
+        diagnosis = replay.classify(evidence)
+        try:
+            self.recovery.heal(state, diagnosis, host, self.plugins.hook, Healing(self, state, engine))
+        except HookError as exc:  # a guard's remedy failed: the STOP stands, the failure is recorded
+            state.verdict = self.recovery.spent(state, f"the remedy of {exc.plugin} failed")
             self.held.append(self.failed(exc, state.step, state.samples))
+
+    def _best(self) -> float | None:
+        """The loss the best verified state kept was accepted with (its weights produced it)."""
+        losses = [loss_of(s) for s in [*self.ring, self.snapshot] if s is not None and loss_of(s) is not None]
+        finite = [v for v in losses if math.isfinite(v)]
+        return min(finite) if finite else None
+
+    def _say_hardware(self, step: int, mismatches: list[dict]) -> None:
+        for m in mismatches:
+            message = (f"step {step}: rank {m['rank']}, micro-batch {m['micro']}: the replay of the same weights, "
+                       f"inputs and RNG state gave loss {m['replay']:.6g}, the step gave {m['step']:.6g}: "
+                       "non-deterministic hardware or silent data corruption on that rank")
+            self.events.record("core", "finding", message, step=step, hardware=m, console=True)
+            self.events.alert("core", message, step=step)
 
     def _check_reach(self, missing: list[str], step: int) -> None:
         """A finding when trainable tensors got no gradient (``p.grad is None``: no sync to ask)."""
@@ -313,11 +382,42 @@ class GuardedStep:
             return
         if self.snapshot is not None and state.step - 1 - self.snapshot.step < self.snapshot_every:
             return
-        self.snapshot = None  # free the old copy before making the new one
+        self._keep_in_ring(self.snapshot)
+        self.snapshot = None  # free the old copy (unless the ring keeps it) before making the new one
         guard_state = self._after_agreement(state, lambda: copy.deepcopy(plugin_states(self.plugins)))
         self.snapshot = engine.snapshot(state.step - 1, state.model, state.optimizer, self.snapshot_offload,
                                         guard_state)
+        self.snapshot.loss = state.loss.detach()  # the loss these weights produced, just accepted
         self.since_snapshot = {}
+
+    def rewind_target(self) -> SnapshotLike | None:
+        """The ring's snapshot with the lowest loss, if it is lower than the last verified one's."""
+        now = _finite_or_inf(loss_of(self.snapshot)) if self.snapshot is not None else math.inf
+        better = [s for s in self.ring if _finite_or_inf(loss_of(s)) < now]
+        return min(reversed(better), key=lambda s: _finite_or_inf(loss_of(s))) if better else None
+
+    def rewind(self, state: StepState) -> dict:
+        """Back to :meth:`rewind_target`: it becomes the last verified state; later ring snapshots go."""
+        target, last = self.rewind_target(), self.snapshot
+        target.restore(state.optimizer)
+        self.ring = [s for s in self.ring if s.step < target.step]
+        self.snapshot, state.restored_step = target, target.step
+        self._after_agreement(state, lambda: self.plugins.hook.on_rollback(
+            state=state, restored_step=target.step, events=self.events))
+        return {"restored_step": target.step, "restored_loss": loss_of(target),
+                "from_step": last.step if last is not None else None}
+
+    def _keep_in_ring(self, snapshot: SnapshotLike | None) -> None:
+        """The ring keeps the first verified snapshot and one every ``ring_every`` steps; when full it lets go
+        of the oldest that is not the one with the lowest loss (a rewind's best target)."""
+        if snapshot is None or not self.ring_size:
+            return
+        if self.ring and snapshot.step - self.ring[-1].step < self.ring_every:
+            return
+        self.ring.append(snapshot)
+        if len(self.ring) > self.ring_size:
+            best = min(self.ring, key=lambda s: _finite_or_inf(loss_of(s)))
+            self.ring.remove(next(s for s in self.ring if s is not best))
 
     def _after_agreement(self, state: StepState, call):
         """Hooks called after the ranks agreed: one that raises stops the run at the next agreement."""
@@ -436,16 +536,6 @@ def first_across_ranks(name: str | None) -> str | None:
     return next((n for n in everyone if n is not None), None)
 
 
-def samples_across_ranks(samples: list[str]) -> list[str]:
-    """Every rank's samples of this step, in rank order (rejected steps only: one collective)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(samples)
-    everyone: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, list(samples))
-    return [s for rank in everyone for s in rank or []]
-
-
 def merge_ranks(everyone: list[Verdict]) -> Verdict:
     """The most severe of the ranks' (already combined) verdicts; differing reasons are named by rank."""
     worst = max(v.action for v in everyone)
@@ -471,3 +561,67 @@ def load_plugin_states(plugins, states: dict[str, Any]) -> None:
     for impl in seams.hook_impls(plugins.hook.load_state_dict):
         if impl.plugin_name in states:
             seams.call_impl(impl, **{arg: states[impl.plugin_name] for arg in impl.argnames})
+
+
+class Healing:
+    """What a remedy may do to the run in the middle of a step: the recovery's handle on the step."""
+
+    def __init__(self, guarded: GuardedStep, state: StepState, engine: Engine):
+        self.guarded, self.state, self.engine = guarded, state, engine
+
+    def top_share(self) -> tuple[str | None, float]:
+        """The module holding the largest share of this step's grad norm (``where``), and that share."""
+        where = self.state.where
+        if where is None or where.nonfinite:
+            return None, 0.0
+        shares: dict[str, float] = {}
+        for module, _, share in where.modules:
+            shares[module] = shares.get(module, 0.0) + share
+        top = max(shares, key=shares.get, default=None)
+        return top, shares.get(top, 0.0)
+
+    def can_rewind(self) -> bool:
+        return self.guarded.rewind_target() is not None
+
+    def rewind(self) -> dict:
+        return self.guarded.rewind(self.state)
+
+    @torch.no_grad()
+    def reset_moments(self) -> dict:
+        """SPAM's reset: the optimizer state of the top module's tensors zeroed (their step counts kept)."""
+        module, _ = self.top_share()
+        names = [n for n in (self.state.where.tensors if self.state.where else {}) if module_of(n)[0] == module]
+        params = dict(self.state.model.named_parameters())
+        reset = [n for n in names if n in params and params[n] in self.state.optimizer.state]
+        for name in reset:
+            for key, value in self.state.optimizer.state[params[name]].items():
+                if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                    value.zero_()
+        return {"module": module, "tensors": reset}
+
+
+def loss_of(snapshot: SnapshotLike | None) -> float | None:
+    """The loss a snapshot's weights were accepted with (read once, then kept as a float)."""
+    value = getattr(snapshot, "loss", None)
+    if torch.is_tensor(value):
+        value = snapshot.loss = float(value)
+    return value
+
+
+def _finite_or_inf(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def evidence_across_ranks(evidence: Evidence) -> Evidence:
+    """Every rank's replayed losses and mismatches, merged, on every rank (rejected steps only)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return evidence
+    everyone: list[Evidence | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, evidence)
+    return evidence.merge([e for e in everyone if e is not None])

@@ -21,8 +21,9 @@ from transformers.trainer_utils import TrainOutput
 
 from stabguard import metrics, seams
 from stabguard.engine import GradientArrival, TorchEngine, gathered_trainable
-from stabguard.recipe import RecoverySection
+from stabguard.recipe import RecoverySection, SnapshotSection
 from stabguard.recovery import UNNAMED
+from stabguard.replay import capture_rng, select_rows
 from stabguard.step import GuardedStep, StepState
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
 
@@ -130,7 +131,7 @@ class _HookCallback(TrainerCallback):
             t.events.echo.flush()  # the "N more like the above" line of a repeated decision
 
 
-PYTHON_GUARDS = ("mask", "grad_norm", "nonfinite", "spike")  # what guarded(...) enables when given no plugins
+PYTHON_GUARDS = ("mask", "grad_norm", "nonfinite", "spike", "divergence")  # what guarded(...) enables when given no plugins
 
 
 class GuardedTrainer:
@@ -148,13 +149,16 @@ class GuardedTrainer:
     :param snapshot_every: optimizer steps between verified snapshots (0: none; a STOP then saves the
         current, unverified state).
     :param snapshot_offload: keep the snapshot in CPU memory.
+    :param snapshot_ring: earlier verified snapshots kept for a rewind (``[snapshots] ring``).
+    :param snapshot_ring_every: optimizer steps between them (``[snapshots] ring_every``).
     :param recovery: the recovery policy (:class:`~stabguard.recovery.RecoverySection` or its dict, as
         ``[recovery]`` in a recipe); None: the defaults (on, budget 3 remedies per 500 steps).
     """
 
     def __init__(self, *args, plugins=None, events=None, guards: dict | None = None, plugin_modules=(),
                  setup_guards: bool = False, max_consecutive_skips: int = 20, snapshot_every: int = 1,
-                 snapshot_offload: bool = False, recovery: RecoverySection | dict | None = None, **kwargs):
+                 snapshot_offload: bool = False, recovery: RecoverySection | dict | None = None,
+                 snapshot_ring: int = 2, snapshot_ring_every: int = 20, **kwargs):
         super().__init__(*args, **kwargs)
         setup_guards = setup_guards or plugins is None
         if plugins is None:
@@ -170,9 +174,11 @@ class GuardedTrainer:
             recovery = RecoverySection(**recovery)
         self.guarded = GuardedStep(plugins, events, max_consecutive_skips=max_consecutive_skips,
                                    snapshot_every=snapshot_every, snapshot_offload=snapshot_offload,
-                                   recovery=recovery)
+                                   recovery=recovery,
+                                   snapshots=SnapshotSection(ring=snapshot_ring, ring_every=snapshot_ring_every))
         self.last_step: StepState | None = None
         self._all_quarantined = False  # every row of the micro-batch being trained is quarantined
+        self._images: list[int] = []  # the images of each row of the micro-batch being trained
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
         self._loss_at_step_start: torch.Tensor | None = None
         self._torch_engine = TorchEngine()  # single device, DDP, FSDP2; DeepSpeed: a ZeroEngine at the first step
@@ -246,10 +252,10 @@ class GuardedTrainer:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         samples, verdict = self._data_verdict(inputs)
-        if not self.guarded.micro_losses and seams.loss_sum(self) is not None:
+        if not self.guarded.micro and seams.loss_sum(self) is not None:
             self._loss_at_step_start = seams.loss_sum(self).detach().clone()
-        self.guarded.add_micro_batch(samples, verdict, quarantined=self._all_quarantined)
-        self.guarded.micro_inputs.append(inputs)  # a non-finite loss is replayed from it (where it broke)
+        self.guarded.add_micro_batch(samples, verdict, quarantined=self._all_quarantined, inputs=inputs,
+                                     images=self._images)  # kept until the step decides: a replay reads them
         if self.is_deepspeed_enabled:  # the step runs inside backward: the engine wrapper adds the loss
             self._guard_deepspeed_engine()
             return super().training_step(model, inputs, num_items_in_batch)
@@ -258,10 +264,20 @@ class GuardedTrainer:
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Every row of this micro-batch is quarantined: the forward and backward still run (each rank's
-        collectives match), with a loss of exactly 0 and no gradient, instead of the model's 0/0 NaN."""
+        """A training forward records the model's own loss and the RNG state it started from (a replay of a
+        rejected step reproduces it). Every row of this micro-batch quarantined: the forward and backward
+        of the one row left still run (each rank's collectives match), with a loss of exactly 0 and no
+        gradient, instead of the model's 0/0 NaN."""
         if not self._all_quarantined:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            training = model.training
+            rng = capture_rng() if training else None
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if training:
+                own = getattr(outputs, "loss", None) if not isinstance(outputs, dict) else outputs.get("loss")
+                extra = {"num_items_in_batch": num_items_in_batch} if (
+                    self.model_accepts_loss_kwargs and num_items_in_batch is not None) else {}
+                self.guarded.add_forward(own.detach() if torch.is_tensor(own) else None, rng, extra)
+            return (loss, outputs) if return_outputs else loss
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         loss = outputs.logits.float().sum() * 0.0
         return (loss, outputs) if return_outputs else loss
@@ -277,11 +293,12 @@ class GuardedTrainer:
 
         Returns the batch's sample ids (those it trains on) and the data hooks' combined verdict. Labels a
         guard changed on the CPU (a sample skipped) are copied to the device batch; unchanged ones cost
-        nothing. In training, quarantined samples are masked after the guards saw them.
+        nothing. In training, quarantined samples' rows then leave the device batch (after the guards saw
+        them): no forward, no loss, nothing beside them touched; the order of the others is kept.
         """
         verdicts = [v for v in [inputs.pop(VERDICT_KEY, None)] if v is not None]
         collated = inputs.pop(COLLATED_KEY, None)
-        self._all_quarantined = False
+        self._all_quarantined, self._images = False, []
         if collated is None:  # a collator of the user's own, not wrapped by stabguard
             return [], combine(verdicts) if verdicts else None
         ids, cpu, labels = sample_ids(collated.samples), collated.cpu_batch, collated.cpu_batch.get("labels")
@@ -290,15 +307,26 @@ class GuardedTrainer:
             verdicts += self.plugins.hook.post_collate(batch=cpu, samples=collated.samples, events=self.events)
         except HookError as exc:
             verdicts.append(self.guarded.failed(exc, None, ids))
-        if training and (masked := self.guarded.recovery.mask(ids, cpu, collated.samples)):
-            self._all_quarantined = len(masked) == len(ids)
-            ids = [i for i in ids if i not in masked]
-            self.events.record("core", "info", f"quarantined sample(s) in this batch, masked (no loss, no "
-                               f"gradient): {', '.join(masked)}", step=self.state.global_step + 1, masked=masked)
-            _to_device(cpu, inputs, "pixel_values")
         if before is not None and not torch.equal(before, cpu["labels"]):
             _to_device(cpu, inputs, "labels")
+        self._images = [int(s.get("n_images", 0)) for s in collated.samples]
+        if training and (rows := self.guarded.recovery.drop_rows(ids)):
+            ids = self._remove_rows(inputs, ids, rows)
         return ids, combine(verdicts) if verdicts else None
+
+    def _remove_rows(self, inputs, ids: list[str], rows: list[int]) -> list[str]:
+        """Quarantined rows out of the device batch, in place; the ids of the rows left. A micro-batch left
+        empty keeps its first row, masked, for the forward every rank runs (its loss is 0, see compute_loss)."""
+        dropped = [ids[i] for i in rows]
+        keep = [i for i in range(len(ids)) if i not in rows]
+        self._all_quarantined = not keep
+        self.events.record("core", "info", f"quarantined sample(s) removed from this batch: {', '.join(dropped)}",
+                           step=self.state.global_step + 1, removed=dropped)
+        smaller = select_rows(dict(inputs), keep or [0], self._images)
+        inputs.clear()
+        inputs.update(smaller)
+        self._images = [self._images[i] for i in keep or [0]]
+        return [ids[i] for i in keep]
 
     def _clip_grad_norm(self, model):
         """Called by the Trainer once per optimizer step, before ``optimizer.step()``."""
@@ -457,6 +485,13 @@ class _TrainerHost:
 
     def replay_model(self, model):
         return self.trainer.accelerator.unwrap_model(model)
+
+    def lr(self) -> float:
+        return self.trainer.optimizer.param_groups[0]["lr"]
+
+    def peak_lr(self) -> float:
+        scheduler = self.trainer.lr_scheduler
+        return scheduler.base_lrs[0] if getattr(scheduler, "base_lrs", None) else self.lr()
 
     def scale_lr(self, factor: float) -> tuple[float, float]:
         """The scheduler computes each step's rate from ``base_lrs``: scaling them keeps its shape."""

@@ -262,6 +262,12 @@ class FakeHost:
     def replay_model(self, model):
         return model
 
+    def lr(self):
+        return 1e-3
+
+    def peak_lr(self):
+        return 1e-3
+
 
 class Says:
     """A guard that answers each step with the verdict its script gives (and counts rollbacks)."""
@@ -291,8 +297,8 @@ def run_steps(script, steps, *, every=1, max_skips=20):
     step = GuardedStep(guard_plugins(says, guards=()), events, max_consecutive_skips=max_skips, snapshot_every=every)
     host, engine, states = FakeHost(), FakeEngine(), []
     for _ in range(steps):
-        step.micro_losses = [torch.tensor(1.0)]
         step.add_micro_batch([f"s{host.step + 1}"], None)
+        step.add_loss(torch.tensor(1.0))
         states.append(step.run(host, None, engine))
         host.step += 1
         if host.ended:
@@ -333,7 +339,7 @@ def test_a_guard_can_ask_where_a_step_that_proceeds_came_from():
     step = GuardedStep(guard_plugins(Asks(), guards=()), EventLog())
     host, engine, states = FakeHost(), FakeEngine(), []
     for _ in range(3):
-        step.micro_losses = [torch.tensor(1.0)]
+        step.add_loss(torch.tensor(1.0))
         states.append(step.run(host, None, engine))
         host.step += 1
     assert [s.where is not None for s in states] == [False, True, False]

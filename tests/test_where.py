@@ -106,4 +106,4 @@ def test_inf_logits_name_lm_head_as_the_first_non_finite_output(tmp_path, tiny_a
     (skip,) = [e for e in read_events(result.output_dir / "events.jsonl") if e["kind"] == "skip"]
     assert skip["step"] == 2 and skip["values"]["where"]["first_nonfinite_output"] == "lm_head"
     assert "first non-finite output: lm_head" in skip["message"]
-    assert result.ok and result.trainer.guarded.micro_inputs == [], "the step's inputs are let go once it decided"
+    assert result.ok and result.trainer.guarded.micro == [], "the step's inputs are let go once it decided"

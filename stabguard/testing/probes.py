@@ -65,7 +65,8 @@ class GradFault:
 
 
 class LossFault:
-    """Corrupts the model's loss in the chosen training forwards (1-based). ``scale`` multiplies it, and
+    """Corrupts the model's loss in the chosen training forwards (1-based; a replay of a rejected step runs
+    without gradients and is not one, so it does not reproduce this fault: a transient). ``scale`` multiplies it, and
     the gradients follow (Inf, or a finite spike); ``value`` replaces only its value and leaves the
     gradients finite (a loss that is NaN on one rank only)."""
 
@@ -78,7 +79,7 @@ class LossFault:
         model.register_forward_hook(self.corrupt)
 
     def corrupt(self, module, args, output):
-        if not module.training:
+        if not (module.training and torch.is_grad_enabled()):  # a replay (no_grad) is not a training forward
             return None
         self.forwards += 1
         if self.forwards not in self.at or not on_rank(self.rank):

@@ -51,9 +51,10 @@ def tiny_recipe(assets: dict[str, Path], output_dir: Path, *, training: dict | N
                 guards: dict | None = None, data: dict | None = None, **top: Any) -> dict[str, Any]:
     """A recipe dict for the tiny model and data of :func:`build_tiny_assets`: batch 1, 2 steps, CPU, fp32.
 
-    ``training``, ``guards`` and ``data`` are merged into their sections; ``top`` adds top-level keys
-    (``plugins``, ``snapshots``).
+    ``training``, ``guards``, ``data`` and ``lora`` (in ``top``) are merged into their sections; ``top``
+    adds other top-level keys (``plugins``, ``snapshots``).
     """
+    lora = {"r": 4, "alpha": 8, **(top.pop("lora", None) or {})}
     return {
         **top,
         "model": {"name_or_path": str(assets["model"]), "dtype": "float32", "max_pixels": 65536},
@@ -62,7 +63,7 @@ def tiny_recipe(assets: dict[str, Path], output_dir: Path, *, training: dict | N
                      "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1,
                      "save_steps": 100, "use_cpu": True, "seed": 0, "max_grad_norm": 1.0,
                      **(training or {})},
-        "lora": {"r": 4, "alpha": 8},
+        "lora": lora,
         "guards": guards or {},
     }
 
