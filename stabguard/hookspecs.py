@@ -32,18 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from stabguard import hookimpl  # noqa: F401 - re-exported: plugins may import it from here
+
 if TYPE_CHECKING:  # annotations only: importing this module stays cheap
     import torch
     from transformers import TrainingArguments
 
     from stabguard.events import Alert, EventLog
-    from stabguard.recipe import Recipe
+    from stabguard.recipe_schema import Recipe
     from stabguard.recovery import Recovery, Remedy
     from stabguard.step import StepState
     from stabguard.verdict import Verdict
 
 hookspec = pluggy.HookspecMarker("stabguard")
-hookimpl = pluggy.HookimplMarker("stabguard")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from stabguard import IGNORE_INDEX
-from stabguard.recipe import RecoverySection
+from stabguard.recipe_schema import RecoverySection
 from stabguard.verdict import Action, HookError, Verdict
 
 UNNAMED = "batch row "  # a row a framework built without an id: never quarantined (it names no sample)

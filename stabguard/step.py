@@ -37,7 +37,7 @@ import torch
 
 from stabguard import seams
 from stabguard.engine import Engine, GradientArrival, Snapshot, SnapshotLike
-from stabguard.recipe import RecoverySection
+from stabguard.recipe_schema import RecoverySection
 from stabguard.recovery import Recovery
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure
 from stabguard.where import Where, first_nonfinite_output, group, modules_of
