@@ -53,55 +53,75 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name_or_path: str
-    model_class: str = "Qwen3VLForConditionalGeneration"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: str | None = "sdpa"
-    tiny: dict[str, Any] | None = None
-    min_pixels: int | None = Field(default=None, gt=0)
-    max_pixels: int | None = Field(default=None, gt=0)
+    """``[model]``: which checkpoint, as which class, in which dtype."""
+
+    name_or_path: str = Field(description="a local folder or a Hugging Face hub id")
+    model_class: str = Field(default="Qwen3VLForConditionalGeneration",
+                             description="the transformers class to load (checked against config.architectures)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="the weights' dtype; auto: the checkpoint's")
+    attn_implementation: str | None = Field(default="sdpa", description="passed to from_pretrained")
+    tiny: dict[str, Any] | None = Field(default=None, description="build a tiny random Qwen3-VL at name_or_path "
+                                        "first (text_config, vision_config, seed): the CPU demo's model")
+    min_pixels: int | None = Field(default=None, gt=0, description="the image processor's smallest image, in pixels")
+    max_pixels: int | None = Field(default=None, gt=0, description="the image processor's largest image, in pixels")
 
 
 class LoraSection(Section):
-    enabled: bool = True
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    bias: Literal["none", "all", "lora_only"] = "none"
+    """``[lora]``: the PEFT adapters (peft's ``LoraConfig``)."""
+
+    enabled: bool = Field(default=True, description="false: train the model's own weights")
+    r: int = Field(default=16, gt=0, description="adapter rank")
+    alpha: int = Field(default=32, gt=0, description="scaling numerator (lora_alpha)")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                            description="module names (or a regex) that get adapters")
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="which biases train")
 
 
 class QuantizationSection(Section):
-    load_in_4bit: bool = False
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """``[quantization]``: 4-bit weights through bitsandbytes (QLoRA)."""
+
+    load_in_4bit: bool = Field(default=False, description="load the weights in 4 bits")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="the 4-bit data type")
+    double_quant: bool = Field(default=True, description="quantize the quantization constants too")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="dtype of the matmuls on dequantized weights")
     # How the 4-bit values are packed. FSDP needs a float storage equal to the model's dtype (uint8
     # storage trains with loss 0 / grad_norm nan under FSDP2, accelerate#3983).
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    skip_modules: list[str] = Field(default_factory=lambda: ["model.visual", "lm_head"])
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        default="uint8", description="how the 4-bit values are stored; FSDP2 needs the model's dtype "
+        "(uint8 trains with loss 0 / grad_norm nan, accelerate#3983)")
+    skip_modules: list[str] = Field(default_factory=lambda: ["model.visual", "lm_head"],
+                                    description="modules left unquantized; replaces transformers' list, "
+                                    "so name lm_head too")
 
 
 class SynthOptions(Section):
     """Arguments of ``stabguard.data.synth.synth_pcb``."""
 
-    n: int = Field(default=64, ge=1)
-    seed: int = 0
-    size: int = Field(default=256, ge=64)
-    val_fraction: float = Field(default=0.25, ge=0, lt=1)
+    n: int = Field(default=64, ge=1, description="boards")
+    seed: int = Field(default=0, description="each board is seeded from (seed, board index)")
+    size: int = Field(default=256, ge=64, description="image side, pixels")
+    val_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of boards in the val split")
 
 
 class DataSection(Section):
-    train: str
-    val: str | None = None
-    max_length: int | None = Field(default=2048, gt=0)
-    truncation: Literal["drop", "error"] = "drop"
-    padding_side: Literal["right", "left"] = "right"
-    synth: SynthOptions | None = None  # generate synthetic PCB boards when `train` does not exist
-    bad_rows: Literal["error", "skip"] = "error"  # skip: leave bad rows/images out, each one an event
-    # A small blank image before the first user text of every text-only sample, so every rank runs the
-    # vision tower at every step: ZeRO-3 and FSDP fail or hang when ranks mix image and text-only batches.
-    text_only_image: bool = False
+    """``[data]``: JSONL conversations with images relative to the file."""
+
+    train: str = Field(description="the training JSONL file")
+    val: str | None = Field(default=None, description="the validation JSONL file (stabguard eval)")
+    max_length: int | None = Field(default=2048, gt=0, description="tokens per sample; longer ones are cut")
+    truncation: Literal["drop", "error"] = Field(
+        default="drop", description="a sample whose cut would leave no supervised token: drop it (an event) or fail")
+    padding_side: Literal["right", "left"] = Field(default="right", description="where the collator pads")
+    synth: SynthOptions | None = Field(default=None, description="generate synthetic PCB boards when train does "
+                                       "not exist ([data.synth])")
+    bad_rows: Literal["error", "skip"] = Field(
+        default="error", description="skip: leave bad rows/images out, each one an event")
+    # ZeRO-3 and FSDP fail or hang when ranks mix image and text-only batches.
+    text_only_image: bool = Field(default=False, description="a small blank image before the first user text of "
+                                  "every text-only sample, so every rank runs the vision tower at every step")
 
 
 class SnapshotSection(Section):
@@ -116,7 +136,7 @@ REMEDIES = ("quarantine", "cool_down", "tighten_clip")
 
 
 class RecoverySection(Section):
-    """``[recovery]`` in a recipe (every key optional)."""
+    """``[recovery]``: healing before a STOP: the remedies, their order and their budget."""
 
     enabled: bool = Field(default=True, description="heal before stopping; false: a healable STOP stops")
     remedies: list[str] = Field(default_factory=lambda: list(REMEDIES),
@@ -140,22 +160,26 @@ class RecoverySection(Section):
 
 
 class Recipe(BaseModel):
-    """A validated recipe. ``training`` holds the keyword arguments for ``TrainingArguments``."""
+    """A validated recipe: its top-level keys. ``training`` holds the keyword arguments for ``TrainingArguments``."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    path: Path | None = None
-    plugins: list[str] = Field(default_factory=list)
-    block_plugins: list[str] = Field(default_factory=list)
-    max_consecutive_skips: int = 20  # skips in a row, asked by any guard, before the core stops the run
+    path: Path | None = Field(default=None, description="the file it was read from (set by load_recipe, not a key)")
+    plugins: list[str] = Field(default_factory=list, description="your guard modules: importable, or beside "
+                               "the recipe or in the current folder")
+    block_plugins: list[str] = Field(default_factory=list, description="plugins (built-in or not) kept from loading")
+    max_consecutive_skips: int = Field(default=20, description="skips in a row, asked by any guard, before the "
+                                       "core stops the run")
     model: ModelSection
     data: DataSection
-    training: dict[str, Any]
+    training: dict[str, Any] = Field(description="keyword arguments of transformers.TrainingArguments, checked "
+                                     "against the types it declares")
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     snapshots: SnapshotSection = Field(default_factory=SnapshotSection)
     recovery: RecoverySection = Field(default_factory=RecoverySection)
-    guards: dict[str, GuardOptions] = Field(default_factory=dict)
+    guards: dict[str, GuardOptions] = Field(default_factory=dict, description="one [guards.<name>] table per "
+                                            "guard: its options (below)")
 
     def training_arguments(self) -> dict[str, Any]:
         """The keyword arguments for ``TrainingArguments``: stabguard's defaults, then the recipe. An inline
