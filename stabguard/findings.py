@@ -87,8 +87,8 @@ def report_events(events: EventLog, start: int, check: str, report: Report, *, i
     for event in events.events[start:]:
         level = KIND_LEVEL.get(event["kind"], "info")
         if level != "info" or info:
-            message = event["message"]
-            report.add(check, level, message if message.startswith(f"{event['guard']}:") else f"{event['guard']}: {message}")
+            message, guard = event["message"], event["guard"]
+            report.add(check, level, message if message.startswith(f"{guard}:") else f"{guard}: {message}")
 
 
 LEVELS = ("ok", "info", "warn", "error")

@@ -86,8 +86,9 @@ def table(model: type[BaseModel], title: str, skip: tuple[str, ...] = ()) -> lis
     lines += ["| key | type | default | limits | what it is |", "|---|---|---|---|---|"]
     for name, field in model.model_fields.items():
         if name not in skip:
-            what = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}` | {type_name(field.annotation)} | {default_of(field)} | {limits_of(field)} | {what} |")
+            cells = [f"`{name}`", type_name(field.annotation), default_of(field), limits_of(field),
+                     (field.description or "").replace("|", "\\|")]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 
