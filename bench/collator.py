@@ -5,7 +5,7 @@ Run:  python bench/collator.py                    (the real Qwen BPE: needs the 
 
 The real Qwen BPE is rebuilt offline from the ranks shipped in ``dashscope`` (the ``test`` extra). Without
 it the default stops and says so; ``--tokenizer demo`` measures the demo's 2048-token BPE instead (shorter
-vocabulary, different token counts: not the README's numbers). The first line printed names the tokenizer.
+vocabulary, different token counts: not the numbers in docs/numbers.md). The first line printed names the tokenizer.
 
 Each batch goes through ChatCollator, whose processor is wrapped in a timer, then MaskGuard.post_collate
 (strict mode, the default). The processor's own time -- chat-template rendering, tokenization, image

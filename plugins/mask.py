@@ -29,11 +29,13 @@ _QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|
 
 
 class Options(GuardOptions):
-    policy: Literal["error", "skip_sample", "warn"] = "error"
+    policy: Literal["error", "skip_sample", "warn"] = Field(
+        "error", description="a sample with a label problem: stop the run (error), set its labels to -100 "
+        "(skip_sample), or alert (warn)")
     min_share: float = Field(0.0, ge=0.0, le=1.0, description="lowest supervised share of a sample's tokens")
     max_share: float = Field(0.99, ge=0.0, le=1.0, description="highest share; 1.0 means nothing is masked")
     strict: bool = Field(True, description="compare labels with assistant spans re-derived from the template")
-    decode_first_batch: bool = True
+    decode_first_batch: bool = Field(True, description="write the first batch, decoded, into the event log")
     markers: list[str] = Field(default_factory=list, description="tokens your own collator looks up")
 
     @model_validator(mode="after")

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 
+import pluggy
+
 from stabguard.events import Alert, EventLog
-from stabguard.hookspecs import hookimpl
 from stabguard.options import GuardOptions
 from stabguard.verdict import Action, GuardError, Verdict
 
 __version__ = "0.1.0"
 IGNORE_INDEX = -100  # the label value the loss leaves out (transformers' and torch's ignore_index)
+# Here and not in hookspecs: the specs name the step's and the recipe's types, which import this package.
+hookimpl = pluggy.HookimplMarker("stabguard")
 
 # bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is absent;
 # it only means CPU 4-bit matmuls use its slower built-in path (which stabguard never uses: 4-bit is GPU-only

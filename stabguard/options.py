@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GuardOptions(BaseModel):
@@ -15,4 +15,4 @@ class GuardOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: the guard is not registered for the run")

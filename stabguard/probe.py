@@ -40,6 +40,7 @@ import torch
 
 from stabguard import IGNORE_INDEX
 from stabguard.engine import GradientArrival
+from stabguard.findings import guard_findings
 from stabguard.hookspecs import hookimpl
 from stabguard.verdict import Verdict
 from stabguard.where import float_tensors, module_of, modules_of
@@ -250,8 +251,6 @@ class StepRecorder:
     @hookimpl
     def pre_step(self, state, events):
         """The gradients are complete: the guards' ``probe`` hooks read them here, before the veto drops them."""
-        from stabguard.check import guard_findings
-
         if self.seen is not None or self.started is None:
             return None
         if torch.cuda.is_available():

@@ -1,6 +1,8 @@
-"""TOML recipe -> validated :class:`Recipe`.
+"""TOML recipe -> validated :class:`~stabguard.recipe_schema.Recipe`.
 
-Every error is collected and reported at once, each as ``dotted.key: message``; the CLI exits 2 on
+What a recipe is (its sections, every key) lives below, in :mod:`stabguard.recipe_schema`; this module
+loads one, and sits above the plugin manager because checking ``[guards.<name>]`` tables means loading the
+plugins the recipe names. Every error is collected and reported at once, each as ``dotted.key: message``; the CLI exits 2 on
 them. Guard tables (``[guards.<name>]``) are checked against the options model each guard declared
 through ``register_guards``, so a recipe is fully checked before any model is loaded.
 """
@@ -13,15 +15,17 @@ import difflib
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from stabguard import seams
 from stabguard.options import GuardOptions
+from stabguard.recipe_schema import (  # noqa: F401 - what a recipe is; importable from here as before
+    DEEPSPEED_AUTO, DEFAULT_TARGET_MODULES, REMEDIES, TRAINING_ALIASES, TRAINING_DEFAULTS, DataSection,
+    LoraSection, ModelSection, QuantizationSection, Recipe, RecoverySection, Section, SnapshotSection,
+    SynthOptions, installed_training_name, training_argument_names)
 from stabguard.training_types import check_types, toml_repr
-
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # TrainingArguments names that transformers 5 removed or renamed, with what to write instead.
 RENAMED_TRAINING_ARGS = {
@@ -37,174 +41,6 @@ RENAMED_TRAINING_ARGS = {
     "save_safetensors": "removed in transformers 5: checkpoints are always safetensors",
     "include_tokens_per_second": "renamed in transformers 5: write include_num_input_tokens_seen = true",
 }
-
-# One setting under two names across the supported transformers releases (5.24 renamed it): a recipe may
-# write either, and the run passes it under the name the installed release knows.
-TRAINING_ALIASES = {"activation_checkpointing": "gradient_checkpointing",
-                    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
-TRAINING_ALIASES |= {new: old for old, new in TRAINING_ALIASES.items()}
-
-
-def installed_training_name(key: str, names: set[str]) -> str:
-    """``key`` as the installed ``TrainingArguments`` spells it (the same key when it knows it, or none)."""
-    if key in names or TRAINING_ALIASES.get(key) not in names:
-        return key
-    return TRAINING_ALIASES[key]
-
-
-def training_argument_names() -> set[str]:
-    from transformers import TrainingArguments
-
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-# Set by stabguard unless the recipe says otherwise; see the docs for why each one.
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "remove_unused_columns": False,  # samples carry messages/images the collator needs
-    "logging_nan_inf_filter": False,  # a host sync per micro-step that hides NaN; nonfinite replaces it
-    "report_to": "none",
-    "save_strategy": "steps",
-    "dataloader_num_workers": 0,
-}
-
-
-class Section(BaseModel):
-    # strict: "16" is not taken as 16 (an int is still taken as a float)
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ModelSection(Section):
-    name_or_path: str
-    model_class: str = "Qwen3VLForConditionalGeneration"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: str | None = "sdpa"
-    tiny: dict[str, Any] | None = None
-    min_pixels: int | None = Field(default=None, gt=0)
-    max_pixels: int | None = Field(default=None, gt=0)
-
-
-class LoraSection(Section):
-    enabled: bool = True
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    bias: Literal["none", "all", "lora_only"] = "none"
-
-
-class QuantizationSection(Section):
-    load_in_4bit: bool = False
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    # How the 4-bit values are packed. FSDP needs a float storage equal to the model's dtype (uint8
-    # storage trains with loss 0 / grad_norm nan under FSDP2, accelerate#3983).
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    skip_modules: list[str] = Field(default_factory=lambda: ["model.visual", "lm_head"])
-
-
-class SynthOptions(Section):
-    """Arguments of ``stabguard.data.synth.synth_pcb``."""
-
-    n: int = Field(default=64, ge=1)
-    seed: int = 0
-    size: int = Field(default=256, ge=64)
-    val_fraction: float = Field(default=0.25, ge=0, lt=1)
-
-
-class DataSection(Section):
-    train: str
-    val: str | None = None
-    max_length: int | None = Field(default=2048, gt=0)
-    truncation: Literal["drop", "error"] = "drop"
-    padding_side: Literal["right", "left"] = "right"
-    synth: SynthOptions | None = None  # generate synthetic PCB boards when `train` does not exist
-    bad_rows: Literal["error", "skip"] = "error"  # skip: leave bad rows/images out, each one an event
-    # A small blank image before the first user text of every text-only sample, so every rank runs the
-    # vision tower at every step: ZeRO-3 and FSDP fail or hang when ranks mix image and text-only batches.
-    text_only_image: bool = False
-
-
-class SnapshotSection(Section):
-    """The core's verified snapshot: what a ROLLBACK restores and a STOP saves; and a ring of earlier ones
-    that a rewind (a divergence) goes back to."""
-
-    every: int = Field(default=1, ge=0, description="optimizer steps between snapshots; 0: none (a STOP "
-                       "then saves the current, unverified state and rollbacks act as skips)")
-    offload: bool = Field(default=False, description="keep the snapshots in CPU memory, not on the device")
-    ring: int = Field(default=2, ge=0, description="earlier verified snapshots kept besides the last (the one "
-                      "with the lowest loss always among them); 0: none, a divergence cannot be rewound")
-    ring_every: int = Field(default=20, ge=1, description="optimizer steps between the ring's snapshots")
-
-
-REMEDIES = ("quarantine", "cool_down", "reset_moments", "rewind", "tighten_clip")
-
-
-class RecoverySection(Section):
-    """``[recovery]`` in a recipe (every key optional). Each remedy is chosen by the evidence of a replay of
-    the rejected step (stabguard/replay.py); ``remedies`` lists those the run may use."""
-
-    enabled: bool = Field(default=True, description="diagnose rejected steps and heal before stopping; false: a "
-                          "healable STOP stops, nothing is replayed")
-    remedies: list[str] = Field(default_factory=lambda: list(REMEDIES),
-                                description="the remedies the evidence may choose from")
-    budget: int = Field(default=3, ge=0, description="remedies within budget_window steps; then a STOP stops")
-    budget_window: int = Field(default=500, ge=1, description="steps over which remedies are counted")
-    evidence_factor: float = Field(default=3.0, gt=1, description="a replayed sample is high when its loss is "
-                                   "above this times the reference (the best verified state's loss)")
-    burst_steps: int = Field(default=10, ge=1, description="a rejected step within this many steps of the last "
-                             "one is part of a burst: the trajectory, not a one-off")
-    lr_cut: float = Field(default=10.0, gt=1, description="a cool-down brings the learning rate this many times "
-                          "below the rate in force where the loss first went high")
-    cool_steps: int = Field(default=0, ge=0, description="steps a cool-down lasts; 0: the rest of the run")
-    moments_share: float = Field(default=0.5, gt=0, le=1, description="share of the grad norm one module must "
-                                 "hold for reset_moments to reset its Adam moments")
-    clip_factor: float = Field(default=0.5, gt=0, lt=1, description="factor that tightens the clip")
-    clip_start: float = Field(default=1.0, gt=0, description="the clip a run without max_grad_norm gets first")
-    replay_tolerance: float = Field(default=1e-3, ge=0, description="relative difference between a step's loss "
-                                    "and its replay (same weights, inputs, RNG) that names the hardware")
-
-    @field_validator("remedies")
-    @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in REMEDIES]
-        if unknown:
-            raise ValueError(f"unknown remedy {unknown[0]!r}; known: {', '.join(REMEDIES)}")
-        return value
-
-
-class Recipe(BaseModel):
-    """A validated recipe. ``training`` holds the keyword arguments for ``TrainingArguments``."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    path: Path | None = None
-    plugins: list[str] = Field(default_factory=list)
-    block_plugins: list[str] = Field(default_factory=list)
-    max_consecutive_skips: int = 20  # skips in a row, asked by any guard, before the core stops the run
-    model: ModelSection
-    data: DataSection
-    training: dict[str, Any]
-    lora: LoraSection = Field(default_factory=LoraSection)
-    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
-    snapshots: SnapshotSection = Field(default_factory=SnapshotSection)
-    recovery: RecoverySection = Field(default_factory=RecoverySection)
-    guards: dict[str, GuardOptions] = Field(default_factory=dict)
-
-    def training_arguments(self) -> dict[str, Any]:
-        """The keyword arguments for ``TrainingArguments``: stabguard's defaults, then the recipe. An inline
-        ``[training.deepspeed]`` table gets ``"auto"`` (filled from the training arguments) for the batch,
-        accumulation, clipping and bf16 keys it leaves out; DeepSpeed refuses a config without them."""
-        names = training_argument_names()
-        args = {**TRAINING_DEFAULTS, **{installed_training_name(k, names): v for k, v in self.training.items()}}
-        if isinstance(args.get("deepspeed"), dict):
-            args["deepspeed"] = {**DEEPSPEED_AUTO, **args["deepspeed"]}
-        return args
-
-
-DEEPSPEED_AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
-
 
 class RecipeError(ValueError):
     """Every problem of a recipe, each as ``(dotted key, message)``."""

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stabguard.recipe import RecoverySection
+from stabguard.recipe_schema import RecoverySection
 from stabguard.replay import Diagnosis
 from stabguard.verdict import Action, HookError, Verdict
 

@@ -38,7 +38,7 @@ import torch
 
 from stabguard import replay, seams
 from stabguard.engine import Engine, GradientArrival, Snapshot, SnapshotLike
-from stabguard.recipe import RecoverySection, SnapshotSection
+from stabguard.recipe_schema import RecoverySection, SnapshotSection
 from stabguard.recovery import Recovery
 from stabguard.replay import Evidence, Micro
 from stabguard.verdict import Action, HookError, Verdict, combine, from_failure

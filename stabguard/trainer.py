@@ -21,7 +21,7 @@ from transformers.trainer_utils import TrainOutput
 
 from stabguard import metrics, seams
 from stabguard.engine import GradientArrival, TorchEngine, gathered_trainable
-from stabguard.recipe import RecoverySection, SnapshotSection
+from stabguard.recipe_schema import RecoverySection, SnapshotSection
 from stabguard.recovery import UNNAMED
 from stabguard.replay import capture_rng, select_rows
 from stabguard.step import GuardedStep, StepState

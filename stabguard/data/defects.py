@@ -8,13 +8,11 @@ chosen on straight, bare stretches of trace so that an "open" cuts a trace and n
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import ImageDraw
 
-if TYPE_CHECKING:
-    from stabguard.data.pcb import Layer
+from stabguard.data.copper import Layer
 
 
 class DefectPainter:
