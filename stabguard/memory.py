@@ -111,12 +111,14 @@ def snapshot_lines(out: Arithmetic, trainable: dict[str, int], wb: int, eight_bi
         return
     lora = trainable["lora"] * (4 + (2 if eight_bit else 8))
     other = trainable["other"] * (wb + (2 if eight_bit else 2 * wb))
+    copies = 1 + snapshots.ring  # the last verified one, and the ring of earlier ones a rewind goes back to
     if snapshots.offload:
-        out.add("verified snapshot: in CPU memory ([snapshots] offload = true)", "0 B on the GPU", 0)
+        out.add(f"verified snapshots (1 + ring {snapshots.ring}): in CPU memory ([snapshots] offload = true)",
+                "0 B on the GPU", 0)
         return
-    out.add("verified snapshot ([snapshots]): trainable parameters + their optimizer state",
-            f"{trainable['lora']:,} x (4 + {2 if eight_bit else 8}) B" + (" + trainable base parameters" if other else ""),
-            lora + other)
+    out.add(f"verified snapshots ([snapshots]: the last + a ring of {snapshots.ring}): trainable parameters + their "
+            "optimizer state", f"{copies} x {trainable['lora']:,} x (4 + {2 if eight_bit else 8}) B"
+            + (" + trainable base parameters" if other else ""), copies * (lora + other))
 
 
 def activation_lines(out: Arithmetic, text, b: int, seq: int, a: int, checkpointing: bool) -> None:
