@@ -6,7 +6,7 @@ folder without it is a save that did not finish, and no resume picks it. Resume 
 size and hash, names what is damaged, and falls back to the newest checkpoint that verifies.
 
 Checkpoints from before manifests (a guard state without ``"manifest": true``) still resume, with a warning:
-nothing can say whether their files are whole. Hash: BLAKE2b from the standard library, streamed; measured
+only their files' formats can say whether they are whole (``stabguard.checkpoint_formats``). Hash: BLAKE2b from the standard library, streamed; measured
 against SHA-256 in ``bench/checkpoint_manifest.py`` (no new dependency).
 """
 
@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stabguard.checkpoint_formats import format_problem
 from stabguard.verdict import GuardError
 
 MANIFEST_FILE = "stabguard_manifest.json"
@@ -156,15 +157,21 @@ def _without_manifest(folder: Path) -> Verification:
         return Verification(folder, "incomplete", [f"no {MANIFEST_FILE} and no trainer_state.json: the save did "
                                                    "not finish"])
     if not state.is_file():
-        return Verification(folder, "trainer-only", [f"no {MANIFEST_FILE} and no {GUARD_STATE_FILE}: written by the "
-                                                     "Trainer alone (or cut off before stabguard's part), not checked"])
+        return _by_format(folder, "trainer-only", f"no {MANIFEST_FILE} and no {GUARD_STATE_FILE}: written by the "
+                          "Trainer alone (or cut off before stabguard's part), only its files' formats checked")
     try:
         marked = json.loads(state.read_text(encoding="utf-8")).get("manifest")
     except (OSError, ValueError, AttributeError):
         return Verification(folder, "damaged", [f"{GUARD_STATE_FILE} is unreadable and there is no {MANIFEST_FILE}"])
     if marked:
         return Verification(folder, "incomplete", [f"no {MANIFEST_FILE}: the save was cut off before its commit"])
-    return Verification(folder, "legacy", [f"saved before manifests: no {MANIFEST_FILE}, its files are not checked"])
+    return _by_format(folder, "legacy", f"saved before manifests: no {MANIFEST_FILE}, only its files' formats checked")
+
+
+def _by_format(folder: Path, status: str, caveat: str) -> Verification:
+    """Without a manifest, the files' own formats still show a cut: a torn legacy checkpoint is damaged."""
+    problems = [p for path in listed_files(folder) if (p := format_problem(path))]
+    return Verification(folder, "damaged", problems) if problems else Verification(folder, status, [caveat])
 
 
 def human_size(size: int) -> str:

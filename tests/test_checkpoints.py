@@ -20,9 +20,10 @@ from stabguard.checkpoints import (
 
 
 def fake_checkpoint(folder, *, manifest=True, optimizer_bytes=4_200_000, marked=True):
-    """A checkpoint as stabguard saves one: weights, optimizer, a shard in a subfolder, the two state files."""
+    """A checkpoint as stabguard saves one: weights, optimizer, a shard in a subfolder, the two state files
+    (the weights and optimizer bytes in no format the legacy check judges: the manifest is under test)."""
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * 3000)
+    (folder / "adapter_model.bin").write_bytes(b"w" * 3000)
     (folder / "optimizer.pt").write_bytes(bytes(range(256)) * (optimizer_bytes // 256))
     (folder / "pytorch_model_fsdp_0").mkdir()
     (folder / "pytorch_model_fsdp_0" / "__1_0.distcp").write_bytes(b"rank one" * 100)
@@ -37,7 +38,7 @@ def fake_checkpoint(folder, *, manifest=True, optimizer_bytes=4_200_000, marked=
 def test_manifest_lists_every_file_with_size_and_hash(tmp_path):
     folder = fake_checkpoint(tmp_path / "checkpoint-4")
     files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
-    assert set(files) == {"adapter_model.safetensors", "optimizer.pt", "pytorch_model_fsdp_0/__1_0.distcp",
+    assert set(files) == {"adapter_model.bin", "optimizer.pt", "pytorch_model_fsdp_0/__1_0.distcp",
                           "trainer_state.json", GUARD_STATE_FILE}
     assert files["optimizer.pt"]["size"] == (folder / "optimizer.pt").stat().st_size
     assert not list(folder.glob(".*")), "the temporary name was renamed away"
@@ -56,10 +57,10 @@ def test_a_torn_file_is_named_with_its_size_and_the_manifests(tmp_path):
 def test_a_missing_file_and_a_rewritten_one_are_named(tmp_path):
     folder = fake_checkpoint(tmp_path / "checkpoint-8")
     (folder / "pytorch_model_fsdp_0" / "__1_0.distcp").unlink()
-    (folder / "adapter_model.safetensors").write_bytes(b"x" * 3000)  # same size, other bytes (bit rot)
+    (folder / "adapter_model.bin").write_bytes(b"x" * 3000)  # same size, other bytes (bit rot)
     problems = verify(folder).problems
     assert "pytorch_model_fsdp_0/__1_0.distcp is missing" in problems
-    assert "adapter_model.safetensors has the manifest's size but not its content (blake2b differs)" in problems
+    assert "adapter_model.bin has the manifest's size but not its content (blake2b differs)" in problems
 
 
 def test_a_few_bytes_off_a_large_file_show_in_bytes():
@@ -100,6 +101,6 @@ def test_newest_usable_falls_back_past_damaged_and_incomplete_ones(tmp_path):
 @pytest.mark.parametrize("skip", [("checkpoint-4",)])
 def test_the_final_saves_manifest_leaves_out_what_it_is_told(tmp_path, skip):
     fake_checkpoint(tmp_path / "checkpoint-4")
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"final")
+    (tmp_path / "adapter_model.bin").write_bytes(b"final")
     write_manifest(tmp_path, skip=skip)
-    assert set(json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]) == {"adapter_model.safetensors"}
+    assert set(json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]) == {"adapter_model.bin"}
