@@ -451,14 +451,13 @@ class GuardedTrainer:
             write_manifest(folder)
 
     def _save_failed(self, folder, exc: Exception) -> SaveError:
-        """Removes what the failed save wrote (a full disk needs the room) and says what failed."""
+        """Removes what the failed save wrote (a full disk needs the room) and says what failed (the runner
+        logs it with the run's other events)."""
         if self.args.should_save and not (folder / MANIFEST_FILE).exists():
             shutil.rmtree(folder, ignore_errors=True)
         before = newest_committed(folder.parent)
         kept = f"the newest committed one is {before.name}" if before else "no earlier checkpoint was committed"
-        message = f"{folder.name}: the save failed ({exc}); its incomplete folder was removed, {kept}"
-        self.events.record("core", "error", message, step=self.state.global_step, checkpoint=str(folder))
-        return SaveError(message)
+        return SaveError(f"{folder.name}: the save failed ({exc}); its incomplete folder was removed, {kept}")
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # On resume, every engine (DeepSpeed too) comes here after loading the weights.
