@@ -6,8 +6,9 @@ folder without it is a save that did not finish, and no resume picks it. Resume 
 size and hash, names what is damaged, and falls back to the newest checkpoint that verifies.
 
 Checkpoints from before manifests (a guard state without ``"manifest": true``) still resume, with a warning:
-only their files' formats can say whether they are whole (``stabguard.checkpoint_formats``). Hash: BLAKE2b from the standard library, streamed; measured
-against SHA-256 in ``bench/checkpoint_manifest.py`` (no new dependency).
+only their files' formats can say whether they are whole (``stabguard.checkpoint_formats``). Hash: XXH3-128,
+streamed: the standard library's BLAKE2b and SHA-256 made a save several times slower
+(``bench/checkpoint_manifest.py``); bit rot and cut copies are what it must find, not tampering.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from stabguard.checkpoint_formats import format_problem
 from stabguard.verdict import GuardError
 
 MANIFEST_FILE = "stabguard_manifest.json"
 GUARD_STATE_FILE = "stabguard_state.json"
 PREFIX = "checkpoint-"
-HASH = "blake2b"
-CHUNK = 1 << 22  # 4 MiB reads: the hash, not the calls, sets the pace
+HASH = "xxh3_128"  # ~10x BLAKE2b's speed here (bench/checkpoint_manifest.py); finds damage, not tampering
+HASHES = {"xxh3_128": xxhash.xxh3_128, "blake2b": hashlib.blake2b, "sha256": hashlib.sha256}  # by manifest["hash"]
 
 
 class CheckpointError(GuardError):
@@ -66,9 +69,9 @@ class Verification:
 
 # -- writing -----------------------------------------------------------------------------------------
 
-def file_hash(path: Path) -> str:
+def file_hash(path: Path, name: str = HASH) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, HASH).hexdigest()
+        return hashlib.file_digest(f, HASHES[name]).hexdigest()
 
 
 def listed_files(folder: Path, skip=()) -> list[Path]:
@@ -78,20 +81,32 @@ def listed_files(folder: Path, skip=()) -> list[Path]:
             and p.name != MANIFEST_FILE and not (p.name.startswith(".stabguard") and p.name.endswith(".tmp"))]
 
 
-def write_manifest(folder: str | Path, *, skip=()) -> Path:
-    """List every file of ``folder`` with its size and hash, then commit: a temporary name, fsync, rename.
-    ``skip``: top-level names that are not part of it (the final save's folder holds the checkpoints)."""
+def write_manifest(folder: str | Path, *, skip=(), durable: bool = False) -> Path:
+    """List every file of ``folder`` with its size and hash, then commit: a temporary name, then a rename.
+    ``skip``: top-level names that are not part of it (the final save's folder holds the checkpoints).
+    ``durable``: every file and the rename reach the disk first, for when the previous checkpoint is deleted
+    next (rotation). Otherwise a power cut may leave the manifest over cached data that never landed: resume
+    finds it damaged and takes the checkpoint before, which is still there."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, HASH: file_hash(p)}
-             for p in listed_files(folder, skip)}
+    files = {p.relative_to(folder).as_posix(): _entry(p, durable) for p in listed_files(folder, skip)}
     tmp = folder / f".{MANIFEST_FILE}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"format": 1, "hash": HASH, "files": files}, f, indent=1)
         f.flush()
-        os.fsync(f.fileno())  # whole on disk before the rename commits it
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST_FILE)
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
     return folder / MANIFEST_FILE
+
+
+def _entry(path: Path, durable: bool) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, HASHES[HASH]).hexdigest()
+        if durable:
+            os.fsync(f.fileno())
+        return {"size": os.fstat(f.fileno()).st_size, HASH: digest}
 
 
 def final_save_skips(output_dir: str | Path) -> list[str]:
@@ -127,14 +142,17 @@ def verify(folder: str | Path) -> Verification:
     if not manifest.is_file():
         return _without_manifest(folder)
     try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        listed = json.loads(manifest.read_text(encoding="utf-8"))
+        files, hash_name = listed["files"], listed["hash"]
+        if hash_name not in HASHES:
+            raise KeyError(f"unknown hash {hash_name!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return Verification(folder, "damaged", [f"{MANIFEST_FILE} is unreadable ({exc})"])
-    problems = [p for name, entry in files.items() if (p := _file_problem(folder, name, entry))]
+        return Verification(folder, "damaged", [f"{MANIFEST_FILE} is unreadable ({type(exc).__name__}: {exc})"])
+    problems = [p for name, entry in files.items() if (p := _file_problem(folder, name, entry, hash_name))]
     return Verification(folder, "damaged" if problems else "verified", problems)
 
 
-def _file_problem(folder: Path, name: str, entry: dict) -> str | None:
+def _file_problem(folder: Path, name: str, entry: dict, hash_name: str) -> str | None:
     path = folder / name
     try:
         size = path.stat().st_size
@@ -145,8 +163,8 @@ def _file_problem(folder: Path, name: str, entry: dict) -> str | None:
         if found == listed:  # a few bytes off a large file
             found, listed = f"{size} B", f"{entry['size']} B"
         return f"{name} is {found}, the manifest says {listed}"
-    if file_hash(path) != entry[HASH]:
-        return f"{name} has the manifest's size but not its content ({HASH} differs)"
+    if file_hash(path, hash_name) != entry[hash_name]:
+        return f"{name} has the manifest's size but not its content ({hash_name} differs)"
     return None
 
 
@@ -211,16 +229,13 @@ def newest_committed(output_dir: str | Path) -> Path | None:
     return next((p for p in checkpoints(output_dir) if (p / MANIFEST_FILE).is_file()), None)
 
 
-def rotate(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
-    """``save_total_limit``: delete the oldest checkpoints past ``limit``, never one in ``keep`` (the one just
-    committed, the best model's). Called only after a commit, so the newest verified checkpoint survives."""
+def expired(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
+    """``save_total_limit``: the checkpoints past ``limit``, oldest last, never one in ``keep`` (the one being
+    committed, the best model's). Deleted only after the commit, so the newest verified one survives."""
     if not limit or limit <= 0:
         return []
     keep = {Path(p).resolve() for p in keep if p}
-    deleted = [p for p in checkpoints(output_dir)[limit:] if p.resolve() not in keep]
-    for folder in deleted:
-        shutil.rmtree(folder, ignore_errors=True)
-    return deleted
+    return [p for p in checkpoints(output_dir)[limit:] if p.resolve() not in keep]
 
 
 # -- resuming ----------------------------------------------------------------------------------------

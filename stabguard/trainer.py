@@ -25,10 +25,10 @@ from stabguard.checkpoints import (
     GUARD_STATE_FILE,
     MANIFEST_FILE,
     SaveError,
+    expired,
     final_save_skips,
     mark_guard_state,
     newest_committed,
-    rotate,
     write_manifest,
 )
 from stabguard.engine import GradientArrival, TorchEngine, gathered_trainable
@@ -430,8 +430,6 @@ class GuardedTrainer:
             self._write_checkpoint(model, trial, folder)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
             raise self._save_failed(folder, exc) from exc
-        if self.args.should_save:
-            rotate(folder.parent, self.args.save_total_limit, keep=(folder, self.state.best_model_checkpoint))
 
     def _write_checkpoint(self, model, trial, folder) -> None:
         if self.args.should_save and (folder / MANIFEST_FILE).exists():  # a resumed run saves this step again:
@@ -448,7 +446,15 @@ class GuardedTrainer:
             os.replace(tmp, folder / GUARD_STATE_FILE)
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the commit lists them
         if self.args.should_save:
-            write_manifest(folder)
+            self._commit(folder)
+
+    def _commit(self, folder) -> None:
+        """The manifest, then ``save_total_limit``'s deletions. The commit waits for the disk (fsync) only
+        when a checkpoint is deleted next: then this one must survive a power cut on its own."""
+        old = expired(folder.parent, self.args.save_total_limit, keep=(folder, self.state.best_model_checkpoint))
+        write_manifest(folder, durable=bool(old))
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _save_failed(self, folder, exc: Exception) -> SaveError:
         """Removes what the failed save wrote (a full disk needs the room) and says what failed (the runner

@@ -11,6 +11,7 @@ from stabguard.checkpoints import (
     GUARD_STATE_FILE,
     MANIFEST_FILE,
     checkpoints,
+    expired,
     human_size,
     mark_guard_state,
     newest_usable,
@@ -60,7 +61,7 @@ def test_a_missing_file_and_a_rewritten_one_are_named(tmp_path):
     (folder / "adapter_model.bin").write_bytes(b"x" * 3000)  # same size, other bytes (bit rot)
     problems = verify(folder).problems
     assert "pytorch_model_fsdp_0/__1_0.distcp is missing" in problems
-    assert "adapter_model.bin has the manifest's size but not its content (blake2b differs)" in problems
+    assert "adapter_model.bin has the manifest's size but not its content (xxh3_128 differs)" in problems
 
 
 def test_a_few_bytes_off_a_large_file_show_in_bytes():
@@ -104,3 +105,13 @@ def test_the_final_saves_manifest_leaves_out_what_it_is_told(tmp_path, skip):
     (tmp_path / "adapter_model.bin").write_bytes(b"final")
     write_manifest(tmp_path, skip=skip)
     assert set(json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]) == {"adapter_model.bin"}
+
+
+def test_expired_keeps_the_limit_the_one_being_committed_and_the_best(tmp_path):
+    for step in (2, 4, 6, 8, 99):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    committed, best = tmp_path / "checkpoint-8", tmp_path / "checkpoint-2"
+    assert [p.name for p in expired(tmp_path, 2, keep=(committed, best))] == ["checkpoint-6", "checkpoint-4"]
+    assert [p.name for p in expired(tmp_path, 1, keep=(committed,))] == ["checkpoint-6", "checkpoint-4",
+                                                                         "checkpoint-2"], "a stale 99 never outlives the new one"
+    assert expired(tmp_path, None) == expired(tmp_path, 0) == []
