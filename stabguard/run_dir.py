@@ -6,7 +6,8 @@ A run made with the Trainer alone (LLaMA-Factory, a script of one's own) leaves 
 
 - the run's arguments against DeepSpeed's known pitfalls;
 - the stack of *this* machine and the run's precision, engine and model against ``known_bad.toml``;
-- what the log history shows (``stabguard report``'s diagnosis: non-finite losses, grad-norm spikes, ...).
+- what the log history shows (``stabguard report``'s diagnosis: non-finite losses, grad-norm spikes, ...);
+- every checkpoint against its manifest (``stabguard.checkpoints``): which ones verify, which are damaged.
 
 The probe needs the data, the LoRA settings and the guards' set-up, which a run directory does not hold:
 ``--probe`` says so, and names the recipe command that probes. ``training_args.bin`` is read with every
@@ -92,6 +93,7 @@ def check_run_dir(path: str | Path, *, probe: bool = False) -> Report:
         report.add("stack", "ok", f"no known-bad combination of this machine's stack and the run's precision, "
                    f"engine and model ({len(known_bad())} known)")
     _history(path, report)
+    _checkpoints(path, report)
     if probe:
         report.add("probe", "info", "not run: a run directory holds no recipe (the data, LoRA settings and guards the "
                    "probe builds the step from); write one and run `stabguard check RECIPE --probe`")
@@ -110,3 +112,28 @@ def _history(path: Path, report: Report) -> None:
         return
     for finding in diagnose(run).findings:
         report.add("history", SEVERITY.get(finding.severity, "warn"), finding.text)
+
+
+CHECKPOINT_LEVELS = {"verified": "ok", "legacy": "warn", "trainer-only": "info", "incomplete": "warn", "damaged": "error"}
+CHECKPOINT_SAYS = {"verified": "verified (every file as its manifest says)",
+                   "legacy": "saved before manifests (resumable; only the files' formats checked)",
+                   "trainer-only": "no stabguard manifest, written by the Trainer alone (only the files' formats checked)",
+                   "incomplete": "incomplete: the save did not finish (skipped by --resume)",
+                   "damaged": "damaged (skipped by --resume last)"}
+
+
+def _checkpoints(path: Path, report: Report) -> None:
+    """Every checkpoint (and the final save) verified against its manifest: one line per outcome."""
+    from stabguard.checkpoints import MANIFEST_FILE, checkpoints, verify
+
+    found = [verify(folder) for folder in reversed(checkpoints(path))]
+    if (path / MANIFEST_FILE).is_file():
+        final = verify(path)
+        final.folder = Path("final save")
+        found.append(final)
+    for status, level in CHECKPOINT_LEVELS.items():
+        same = [v for v in found if v.status == status]
+        if same:
+            details = [v.describe() for v in same] if status == "damaged" else []
+            report.add("checkpoints", level, f"{', '.join(v.folder.name for v in same)}: {CHECKPOINT_SAYS[status]}",
+                       details, values={"status": status, "folders": [v.folder.name for v in same]})

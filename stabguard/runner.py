@@ -147,7 +147,7 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         trainer = build_trainer(recipe, plugins, events, args)
         trainer.guarded.heal_on_resume = heal
         quiet_log_dicts(trainer)  # its log dicts, printed through the progress bar, are echo's log lines now
-        trainer.train(resume_from_checkpoint=resolve_resume(output_dir, resume))
+        trainer.train(resume_from_checkpoint=resolve_resume(output_dir, resume, events))
         trainer.save_state()
         for dataset in (trainer.train_dataset, trainer.eval_dataset):
             if getattr(dataset, "skipped", None):  # data.bad_rows = "skip": say what was left out
@@ -210,23 +210,17 @@ def _unapplied_failure(trainer):
     return next((v for v in trainer.guarded.held if v.error), None)
 
 
-def resolve_resume(output_dir: Path, resume: str | bool | None) -> str | None:
-    """``"last"`` (or True): the newest *complete* checkpoint (its guard state is written last); ``"auto"``:
-    the same, or None (a fresh start) when there is none yet; anything else is a checkpoint folder."""
-    if resume is True:
-        resume = "last"
-    if resume not in ("last", "auto"):
-        return resume or None
-    from stabguard.trainer import GUARD_STATE_FILE
+def resolve_resume(output_dir: Path, resume: str | bool | None, events: EventLog | None = None) -> str | None:
+    """The checkpoint to resume from, verified against its manifest (``stabguard.checkpoints``): ``"last"``
+    (or True) the newest that verifies, ``"auto"`` the same or None (a fresh start); anything else is a
+    folder, which must verify. What was passed over, and why, is said and logged."""
+    from stabguard.checkpoints import choose_resume
 
-    complete = [p for p in output_dir.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()
-                and (p / GUARD_STATE_FILE).is_file() and (p / "trainer_state.json").is_file()]
-    if not complete and resume == "auto":
-        say(f"--resume auto: no complete checkpoint in {output_dir} yet; starting fresh")
+    if not resume:
         return None
-    if not complete:
-        raise GuardError(f"--resume last: no complete checkpoint in {output_dir} (a complete one holds "
-                         f"trainer_state.json and stabguard_state.json)")
-    newest = max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")))
-    say(f"resuming from {newest}")
-    return str(newest)
+    chosen, notes = choose_resume(output_dir, "last" if resume is True else str(resume))
+    for note in notes:
+        say(note)
+        if events is not None:  # said on the console already: kept in the file only
+            events.record("core", "info", f"--resume: {note}")
+    return str(chosen) if chosen else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,16 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from stabguard import metrics, seams
+from stabguard.checkpoints import (
+    GUARD_STATE_FILE,
+    MANIFEST_FILE,
+    SaveError,
+    expired,
+    final_save_skips,
+    mark_guard_state,
+    newest_committed,
+    write_manifest,
+)
 from stabguard.engine import GradientArrival, TorchEngine, gathered_trainable
 from stabguard.recipe_schema import RecoverySection, SnapshotSection
 from stabguard.recovery import UNNAMED
@@ -27,7 +38,6 @@ from stabguard.replay import capture_rng, select_rows
 from stabguard.step import GuardedStep, StepState
 from stabguard.verdict import Action, GuardError, HookError, Verdict, combine
 
-GUARD_STATE_FILE = "stabguard_state.json"
 COLLATED_KEY, VERDICT_KEY = "stabguard_collated", "stabguard_verdict"  # ride with each collated batch
 
 __all__ = ["GUARD_STATE_FILE", "GuardTrainer", "GuardedTrainer", "StepState", "guarded"]
@@ -419,27 +429,69 @@ class GuardedTrainer:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """The Trainer's save. After a sharded FSDP2 run, whose final save writes no weights, the adapter is
-        gathered from every rank's shards and written whole to ``output_dir``, as on every other engine."""
+        gathered from every rank's shards and written whole to ``output_dir``, as on every other engine. A
+        final save (not a checkpoint's) is committed with a manifest of its files, as a checkpoint is."""
         super().save_model(output_dir, _internal_call)
-        if _internal_call or not self.is_fsdp_enabled or seams.fsdp_full_state_dict(self.accelerator):
-            return
+        if _internal_call:
+            return  # a checkpoint's weights: its manifest comes with the rest of it
+        if self.is_fsdp_enabled and not seams.fsdp_full_state_dict(self.accelerator):
+            self._save_gathered_adapter(output_dir or self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = output_dir or self.args.output_dir
+            write_manifest(folder, skip=final_save_skips(folder))
+
+    def _save_gathered_adapter(self, output_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "peft_config"):
             return  # full fine-tuning under FSDP2: the sharded checkpoints hold the weights
         weights = gathered_trainable(model)  # every rank takes part
         if self.args.should_save:
-            model.save_pretrained(output_dir or self.args.output_dir, state_dict=weights)
+            model.save_pretrained(output_dir, state_dict=weights)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
+        """Every checkpoint is a commit: the Trainer's files and every rank's shards, the guard state, then the
+        manifest (rank 0, after a barrier). Rotation (``save_total_limit``) waits for the commit; a save that
+        fails removes its incomplete folder and leaves every earlier checkpoint as it was."""
         folder = seams.output_dir(self) / f"checkpoint-{self.state.global_step}"
-        guard_state = {"run": self.events.run, **self.guarded.state_dict()}
-        # Written last and atomically: a checkpoint without it is incomplete (a run killed mid-save).
-        tmp = folder / f".{GUARD_STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(guard_state, indent=1))
-        os.replace(tmp, folder / GUARD_STATE_FILE)
+        try:
+            self._write_checkpoint(model, trial, folder)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            raise self._save_failed(folder, exc) from exc
+
+    def _write_checkpoint(self, model, trial, folder) -> None:
+        if self.args.should_save and (folder / MANIFEST_FILE).exists():  # a resumed run saves this step again:
+            (folder / MANIFEST_FILE).unlink()  # uncommitted until its new files are all written
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation before the commit
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            guard_state = mark_guard_state({"run": self.events.run, **self.guarded.state_dict()})
+            tmp = folder / f".{GUARD_STATE_FILE}.tmp"  # atomic: a reader never sees half of it
+            tmp.write_text(json.dumps(guard_state, indent=1))
+            os.replace(tmp, folder / GUARD_STATE_FILE)
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the commit lists them
+        if self.args.should_save:
+            self._commit(folder)
+
+    def _commit(self, folder) -> None:
+        """The manifest, then ``save_total_limit``'s deletions. The commit waits for the disk (fsync) only
+        when a checkpoint is deleted next: then this one must survive a power cut on its own."""
+        old = expired(folder.parent, self.args.save_total_limit, keep=(folder, self.state.best_model_checkpoint))
+        write_manifest(folder, durable=bool(old))
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _save_failed(self, folder, exc: Exception) -> SaveError:
+        """Removes what the failed save wrote (a full disk needs the room) and says what failed (the runner
+        logs it with the run's other events)."""
+        if self.args.should_save and not (folder / MANIFEST_FILE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        before = newest_committed(folder.parent)
+        kept = f"the newest committed one is {before.name}" if before else "no earlier checkpoint was committed"
+        return SaveError(f"{folder.name}: the save failed ({exc}); its incomplete folder was removed, {kept}")
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # On resume, every engine (DeepSpeed too) comes here after loading the weights.

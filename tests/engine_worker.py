@@ -13,7 +13,8 @@ SCENARIO "faults": the faults hit the last rank only, each of a kind that leaves
 - step 4: its loss is NaN while its gradients stay finite (only the agreement makes the other ranks skip);
 - step 7: its loss spikes x50: every rank restores its own part of the step-5 snapshot.
 "save": 4 steps, checkpoints at 2 and 4, a NaN gradient at step 3. "resume": "save" resumed from its
-step-2 checkpoint, the same fault at its first step (3). "stop": a guard stops the run at step 3.
+step-2 checkpoint, the same fault at its first step (3); "resume-last": the same with ``--resume last`` (the
+test damages checkpoint-4 first: the ranks must fall back to checkpoint-2 together). "stop": a guard stops the run at step 3.
 "after-stop": "stop" resumed from its checkpoint. "mixed": 6 steps on image and text-only samples.
 "post_collate" / "pre_step": a plugin raises in that hook on one rank only (rank 1 at its 3rd collated
 batch / rank 0 at step 3). "heal": the last rank's loss spikes x50 at steps 4, 6 and 8 (of 9) with
@@ -209,6 +210,7 @@ def scenario(name: str, out: Path, last: int, ga: int, per_epoch: int):
                             LossFault(at=first(7), scale=50.0 * ga, rank=last)], {"max_steps": 8}, None),
         "save": lambda: ([nan_grad({3})], save, None),
         "resume": lambda: ([nan_grad({1})], save, str(out / "run" / "checkpoint-2")),
+        "resume-last": lambda: ([nan_grad({1})], save, "last"),
         "stop": lambda: ([StopAt(3)], {"max_steps": 5}, None),
         "after-stop": lambda: ([], {"max_steps": 3}, str(out / "run" / "checkpoint-2")),
         "mixed": lambda: ([], {"max_steps": 6}, None),

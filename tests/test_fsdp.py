@@ -57,6 +57,30 @@ def test_trainer_fsdp2_checkpoint_resumes_shards_and_guard_state(tmp_path, tiny_
         "the guards' state after resuming equals the uninterrupted run's")
 
 
+@pytest.mark.skipif(fsdp2_accelerate_problem() is not None, reason=str(fsdp2_accelerate_problem()))
+def test_a_sharded_checkpoint_with_one_ranks_shard_damaged_is_passed_over(tmp_path, tiny_assets):
+    """The manifest lists every rank's shards (written once, after all ranks wrote); rank 1's model shard of
+    checkpoint-4 is cut: --resume last names it and both ranks resume from checkpoint-2, bit for bit."""
+    from stabguard.checkpoints import MANIFEST_FILE, verify
+
+    saved = engine_run(tmp_path, "fsdp2", "save", tiny_assets)
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    shards = sorted(name for name in listed if name.endswith(".distcp"))
+    assert {name.rsplit("/", 1)[1] for name in shards} >= {"__0_0.distcp", "__1_0.distcp"}, shards
+    rank1 = next(checkpoint / name for name in shards if name.endswith("__1_0.distcp"))
+    with open(rank1, "r+b") as f:
+        f.truncate(rank1.stat().st_size // 2)
+    assert verify(checkpoint).status == "damaged"
+    resumed = engine_run(tmp_path, "fsdp2", "resume-last", tiny_assets)
+    for before, after in zip(saved, resumed):
+        said = [e[3] for e in after["events"]]
+        assert any(rank1.relative_to(checkpoint).as_posix() in m and m.endswith("skipped") for m in said), said
+        assert any(m.endswith("checkpoint-2 (the newest that verifies)") for m in said), said
+        assert after["digests"]["3"] == before["digests"]["3"] and after["digests"]["4"] == before["digests"]["4"]
+    assert verify(checkpoint).status == "verified", "step 4 saved again, every rank's shard listed"
+
+
 def assert_final_adapter(output_dir: Path, assets, reports: list[dict]) -> None:
     """The end of a sharded run leaves the whole adapter in output_dir, as every other engine does: it loads
     with PeftModel.from_pretrained and holds the weights the ranks' shards gathered to."""

@@ -11,7 +11,8 @@ LAYERS = [
     # words every layer uses: no stabguard import above this line
     ["stabguard.seams", "stabguard.options", "stabguard.verdict", "stabguard.events", "stabguard.metrics",
      "stabguard.progress", "stabguard.training_types", "stabguard.where", "stabguard.engine_check",
-     "stabguard.qwen", "stabguard.scoring", "stabguard.trainer_state", "stabguard.findings"],
+     "stabguard.qwen", "stabguard.scoring", "stabguard.trainer_state", "stabguard.findings",
+     "stabguard.checkpoint_formats", "stabguard.checkpoints"],
     # the package's own names (IGNORE_INDEX, hookimpl, __version__) and what it imports eagerly
     ["stabguard"],
     # data, models, the engines' adapters, reading a run's history

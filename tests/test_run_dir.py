@@ -4,6 +4,8 @@ recipe, through the CLI: its saved arguments (a real ``training_args.bin``), thi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import torch
 import transformers
@@ -64,3 +66,26 @@ def test_a_healthy_bf16_run_passes_and_a_deepspeed_pitfall_in_its_arguments_is_n
 def test_a_folder_that_is_no_run_says_what_it_lacks(tmp_path):
     result = CliRunner().invoke(command, [str(tmp_path)])
     assert result.exit_code == 2 and f"{tmp_path} is a folder but not a Hugging Face run directory" in result.output
+
+
+def test_every_checkpoint_is_verified_and_listed_good_or_bad(tmp_path):
+    from stabguard.checkpoints import write_manifest
+
+    write_hf_run(tmp_path, spiky_history(spike=(0, 0), nan_steps=()))
+    for step in (100, 200, 300):
+        save_args(tmp_path / f"checkpoint-{step}", bf16=True)
+        shutil.copy(tmp_path / "trainer_state.json", tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "stabguard_state.json").write_text('{"manifest": true}')
+    for step in (200, 300):
+        write_manifest(tmp_path / f"checkpoint-{step}")
+    os.truncate(tmp_path / "checkpoint-300" / "training_args.bin", 100)
+    (tmp_path / "checkpoint-400").mkdir()  # a kill in the middle of a save
+    (tmp_path / "checkpoint-400" / "optimizer.pt").write_bytes(b"PK\x03\x04")
+    code, report = check(tmp_path)
+    found = {f["values"]["status"]: f for f in by_check(report, "checkpoints")}
+    assert code == 1 and found.keys() == {"verified", "incomplete", "damaged"}
+    assert found["verified"]["level"] == "ok" and found["verified"]["values"]["folders"] == ["checkpoint-200"]
+    assert found["incomplete"]["values"]["folders"] == ["checkpoint-100", "checkpoint-400"]
+    assert found["damaged"]["level"] == "error"
+    (damaged,) = found["damaged"]["details"]
+    assert damaged.startswith("checkpoint-300: training_args.bin is 100 B, the manifest says ")

@@ -18,6 +18,7 @@ from support_faults import StepProbe, StopAt, guard_plugins, run_guarded, same_s
 
 import stabguard.runner
 from stabguard import GuardError, Verdict, hookimpl
+from stabguard.checkpoints import verify
 from stabguard.cli.run import command
 from stabguard.events import read_events
 from stabguard.step import Snapshot, merge_ranks
@@ -80,6 +81,8 @@ def test_a_regular_checkpoint_of_the_stopped_state_is_set_aside_not_lost(tmp_pat
     aside = result.output_dir / "unverified-checkpoint-3"
     assert (aside / "stabguard_state.json").exists(), "the regular checkpoint of step 3 is kept, renamed"
     assert json.loads((result.output_dir / "checkpoint-3" / "stabguard_state.json").read_text())["verified_step"] == 2
+    assert verify(result.output_dir / "checkpoint-3").status == verify(aside).status == "verified", (
+        "the STOP's checkpoint is committed with a manifest, as every save is; the one set aside keeps its own")
 
 
 class SkipBatch:

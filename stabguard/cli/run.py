@@ -1,8 +1,9 @@
 """``stabguard run RECIPE``: train as the recipe says.
 
-Exit codes: 0 done; 1 a guard refused (set-up, data: a GuardError); 2 recipe errors; 3 a guard stopped the
-run (a STOP verdict); 4 a plugin's hook crashed (its exception, with the hook, plugin and rank). With 1, 3
-and 4 during training the last verified state is saved as a checkpoint when a step ran.
+Exit codes: 0 done; 1 a guard refused (set-up, data: a GuardError), or a checkpoint's save failed; 2 recipe
+errors, or a ``--resume PATH`` that does not verify; 3 a guard stopped the run (a STOP verdict); 4 a plugin's
+hook crashed (its exception, with the hook, plugin and rank). With 1, 3 and 4 during training the last
+verified state is saved as a checkpoint when a step ran.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ EXIT_RECIPE, EXIT_GUARD, EXIT_STOPPED, EXIT_CRASHED = 2, 1, 3, 4
 @click.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--resume", "resume", default=None, metavar="CHECKPOINT",
-              help="resume from a checkpoint folder; 'last': the newest complete one in output_dir; 'auto': "
-                   "that one if there is one, else start fresh (for torchrun --max-restarts)")
+              help="resume from a checkpoint folder (verified against its manifest); 'last': the newest one in "
+                   "output_dir that verifies; 'auto': that one if there is one, else start fresh (for torchrun "
+                   "--max-restarts)")
 @click.option("--heal", is_flag=True, help="with --resume, from a STOP's checkpoint: apply the recovery's next "
                                           "remedy (quarantine, cool-down, tighter clip) at the first step")
 def command(recipe, resume, heal):
     """Fine-tune as the recipe says, with its guards enabled."""
+    from stabguard.checkpoints import CheckpointError
     from stabguard.cli.validate import report_recipe_error
     from stabguard.collate import CollateError
     from stabguard.data import DataError
@@ -36,6 +39,9 @@ def command(recipe, resume, heal):
     except RecipeError as exc:
         report_recipe_error(exc)
         raise SystemExit(EXIT_RECIPE) from None
+    except CheckpointError as exc:  # a --resume PATH that does not verify (2), a save that failed (1)
+        click.echo(f"stabguard: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
     except (GuardError, DataError, CollateError) as exc:
         click.echo(f"stabguard: refused: {exception_text(exc)}", err=True)
         raise SystemExit(EXIT_GUARD) from None
