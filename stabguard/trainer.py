@@ -148,7 +148,7 @@ class GuardedTrainer:
     """The guarded step for any ``transformers.Trainer`` subclass; use :func:`guarded` to apply it.
 
     :param plugins: a :class:`~stabguard.manager.Plugins` with the run's guards enabled; None: the
-        built-in guards named in ``guards`` (default: mask, grad_norm, nonfinite, spike), with
+        built-in guards named in ``guards`` (default: mask, grad_norm, nonfinite, spike, divergence), with
         ``setup_model`` fired on the trainer's model and processing class.
     :param events: the run's :class:`~stabguard.events.EventLog`; None: ``<output_dir>/events.jsonl``.
     :param guards: ``{name: {option: value}}`` for the guards to enable when ``plugins`` is None.

@@ -29,7 +29,8 @@ def test_a_recipe_s_guard_tables_are_used_and_explicit_keys_win(tmp_path):
 
 def test_no_guards_named_gives_the_default_guards():
     plugins = GuardSettings().make_plugins()
-    assert sorted(n for n, g in plugins.guards.items() if g.instance) == ["grad_norm", "mask", "nonfinite", "spike"]
+    assert sorted(n for n, g in plugins.guards.items() if g.instance) == ["divergence", "grad_norm", "mask", "nonfinite",
+                                                                           "spike"]
 
 
 @pytest.mark.parametrize("given, key", [
