@@ -48,6 +48,8 @@ class Options(GuardOptions):
                                             "every row of their micro-batch")
     logit_push: float = Field(default=50.0, gt=0, description="how far spike_samples and poison_batch_samples "
                               "push the logits (about the loss they add)")
+    spike_from: int = Field(default=1, ge=1, description="the first optimizer step at which spike_samples and "
+                            "poison_batch_samples act (a sample that goes bad mid-run)")
     damage_at: list[int] = Field(default_factory=list, description="optimizer steps whose update is followed "
                                  "by noise on every trainable weight")
     damage_std: float = Field(default=0.5, gt=0, description="the noise's standard deviation for damage_at")
@@ -89,7 +91,7 @@ class FaultInjector:
     def _push_rows(self, module, args, kwargs, output):
         """Rows are told by their tokens, so a replay, alone or in another batch, is hit as training was."""
         ids, logits = kwargs.get("input_ids"), getattr(output, "logits", None)
-        if ids is None or logits is None:
+        if ids is None or logits is None or self.step < self.options.spike_from:
             return None
         prints = [_fingerprint(row, mask) for row, mask in zip(ids, _mask(kwargs, ids))]
         rows = [r for r, f in enumerate(prints) if f in self.spiking]

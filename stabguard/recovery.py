@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from stabguard.recipe_schema import RecoverySection
 from stabguard.replay import Diagnosis
 from stabguard.verdict import Action, HookError, Verdict
@@ -238,8 +240,10 @@ class Recovery:
                 "broke_at": at, "broke_lr": broke}
 
     def _rate_where_it_broke(self, peak: float) -> tuple[float, int | None]:
-        """The learning rate of the first step whose loss went above ``evidence_factor`` x the lowest loss kept."""
-        losses = [(s, lr, loss) for s, (lr, loss) in sorted(self.history.items()) if loss is not None]
+        """The learning rate of the first step whose loss (the highest of any rank's) went above
+        ``evidence_factor`` x the lowest loss kept."""
+        losses = [(s, lr, loss) for s, (lr, loss) in sorted(_highest_across_ranks(self.history).items())
+                  if loss is not None]
         finite = [loss for _, _, loss in losses if loss == loss and loss != float("inf")]
         if not finite:
             return peak, None
@@ -267,6 +271,21 @@ class Recovery:
         rejected = saved.get("rejected", [])
         self.rejected = [list(r) for r in rejected] if isinstance(rejected, list) else []  # older: a dict
         self.history = {int(k): list(v) for k, v in saved.get("history", {}).items()}
+
+
+def _highest_across_ranks(history: dict[int, list]) -> dict[int, list]:
+    """Each step's [lr, loss] with the highest loss any rank saw (one collective: at a remedy, on every rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return history
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, history)
+    merged: dict[int, list] = {}
+    for rank in everyone:
+        for step, (lr, loss) in (rank or {}).items():
+            seen = merged.get(step, [lr, None])[1]
+            merged[step] = [lr, loss if seen is None or (loss is not None and not loss <= seen) else seen]
+    return merged
 
 
 def _said(change: dict) -> str:

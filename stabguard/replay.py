@@ -64,7 +64,8 @@ class Evidence:
         return not math.isfinite(loss) or (self.reference is not None and loss > self.factor * self.reference)
 
     def merge(self, others: list[Evidence]) -> Evidence:
-        merged = Evidence(reference=self.reference, best=self.best, factor=self.factor)
+        merged = Evidence(reference=_mean([o.reference for o in others]), best=_mean([o.best for o in others]),
+                          factor=self.factor)
         for other in others:
             merged.batch.update(other.batch)
             merged.alone.update(other.alone)
@@ -82,6 +83,11 @@ class Diagnosis:
 
     def values(self) -> dict:
         return {"diagnosis": self.kind, "samples": self.samples, "said": self.said}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def classify(evidence: Evidence | None) -> Diagnosis:

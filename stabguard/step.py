@@ -601,11 +601,23 @@ class Healing:
 
 
 def loss_of(snapshot: SnapshotLike | None) -> float | None:
-    """The loss a snapshot's weights were accepted with (read once, then kept as a float)."""
+    """The loss a snapshot's weights were accepted with, the mean over the ranks (read once, then kept as a
+    float). Every rank reads the same snapshots in the same order (the ring follows agreed verdicts), so
+    the one collective of the first read lines up; ranks then keep, evict and rewind to the same ones."""
     value = getattr(snapshot, "loss", None)
     if torch.is_tensor(value):
-        value = snapshot.loss = float(value)
+        value = snapshot.loss = _mean_across_ranks(value)
     return value
+
+
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = value.detach().float().reshape(1).to(device)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
 
 
 def _finite_or_inf(value: float | None) -> float:

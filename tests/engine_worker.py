@@ -17,10 +17,11 @@ step-2 checkpoint, the same fault at its first step (3); "resume-last": the same
 test damages checkpoint-4 first: the ranks must fall back to checkpoint-2 together). "stop": a guard stops the run at step 3.
 "after-stop": "stop" resumed from its checkpoint. "mixed": 6 steps on image and text-only samples.
 "post_collate" / "pre_step": a plugin raises in that hook on one rank only (rank 1 at its 3rd collated
-batch / rank 0 at step 3). "heal": the last rank's loss spikes x50 at steps 4, 6 and 8 (of 9) with
-``max_rollbacks = 1``: a rollback, then two healable STOPs healed by the recovery (every other scenario
-runs with ``[recovery] enabled = false``: on 6 samples, step faults put the same sample in two rejected
-steps by chance). "cut": 2 steps with the gradient path cut after layer 0 (the first step's finding).
+batch / rank 0 at step 3). "heal" (``max_rollbacks = 1``, recovery on): the last rank's loss spikes x50
+at step 4 in training only (a transient), and line 3 of the data spikes its own loss every time it is seen
+from step 5 on (concentrated, on whichever rank trains it); on a sharded engine (no replay) the transient
+recurs at 6 and 8 instead. "diverge": a divergence that lives in the weights (``Drift``), rewound alike on
+every rank. Every other scenario runs with ``[recovery] enabled = false``. "cut": 2 steps with the gradient path cut after layer 0 (the first step's finding).
 "probe": ``stabguard check --probe`` with the gradient path cut after layer 0 (every rank) and layer 1's
 MLP output past fp16's range (the last rank only); "probe-num-items": the probe of a forward that ignores
 num_items_in_batch. "functions" (fsdp2): no Trainer; ``fully_shard`` on a small MLP checks
@@ -41,13 +42,21 @@ from pathlib import Path
 
 import torch
 from support import tiny_recipe, write_recipe
-from support_faults import Amplify, CutPath, DropsNumItems, GradFault, LossFault, StepProbe, StopAt, guard_plugins
+from support_faults import (GUARDS, Amplify, CutPath, DropsNumItems, Drift, GradFault, LossFault, StepProbe,
+                           StopAt, guard_plugins)
 
+import stabguard.faults as faults_plugin
 from stabguard import engine, hookimpl
 from stabguard.data.jsonl import PLACEHOLDER_REF
 from stabguard.runner import run
 
 SPIKE = {"window": 5, "min_history": 3, "z": 8.0}
+HEAL = {"spike": {**SPIKE, "max_rollbacks": 1}}
+HEALING = {  # the recovery scenarios' recipe keys (recovery on)
+    "heal": {"guards": {**HEAL, "faults": {"spike_samples": ["train.jsonl:3"], "spike_from": 5}}},
+    "heal-sharded": {"guards": HEAL},
+    "diverge": {"guards": {"divergence": {"window": 4}}, "snapshots": {"ring": 2, "ring_every": 3}},
+}
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
                                       "state_dict_type": "SHARDED_STATE_DICT"}}
 
@@ -217,8 +226,10 @@ def scenario(name: str, out: Path, last: int, ga: int, per_epoch: int):
         "post_collate": lambda: ([RaisesInPostCollate(rank=1, at=3)], {"max_steps": 8}, None),
         "pre_step": lambda: ([RaisesInPreStep(rank=0, at=3)], {"max_steps": 8}, None),
         "cut": lambda: ([CutPath()], {"max_steps": 2}, None),
-        "heal": lambda: ([LossFault(at=first(4) | first(6) | first(8), scale=50.0 * ga, rank=last)], {"max_steps": 9},
-                         None),
+        "heal": lambda: ([LossFault(at=first(4), scale=50.0 * ga, rank=last), faults_plugin], {"max_steps": 9}, None),
+        "heal-sharded": lambda: ([LossFault(at=first(4) | first(6) | first(8), scale=50.0 * ga, rank=last)],
+                                 {"max_steps": 9}, None),
+        "diverge": lambda: ([Drift()], {"max_steps": 16, "learning_rate": 1e-2, "max_grad_norm": 0.0}, None),
     }[name]()
 
 
@@ -298,15 +309,15 @@ def main(engine_name: str, model_dir: str, train: str, out_dir: str, name: str) 
                                           per_epoch=-(-rows // world))
     probe = EngineProbe()
     data = {"text_only_image": True} if "textimage" in engine_name.split("-") else {}
-    healing = name == "heal"
     recipe = tiny_recipe({"model": Path(model_dir), "train": Path(train)}, out / "run",
-                         training={**training, **overrides}, data=data, recovery={"enabled": healing},
-                         guards={"spike": {**SPIKE, "max_rollbacks": 1} if healing else SPIKE})
-    result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=guard_plugins(*plugins, probe),
+                         training={**training, **overrides}, data=data, **HEALING.get(name, {"recovery": {"enabled": False},
+                                                                                           "guards": {"spike": SPIKE}}))
+    guards = (*GUARDS, *(g for g in HEALING.get(name, {}).get("guards", {}) if g not in GUARDS and g != "faults"))
+    result = run(write_recipe(out / f"recipe{rank}.toml", recipe), plugins=guard_plugins(*plugins, probe, guards=guards),
                  resume=resume)
     trainer = result.trainer
     adapter = {n: float(t.double().sum()) for n, t in engine.gathered_trainable(trainer.model).items()}
-    kinds = ("skip", "rollback", "stop", "info", "remedy", "finding")
+    kinds = ("skip", "rollback", "stop", "info", "remedy", "finding", "diagnosis")
     events = [e for e in trainer.events.events if e["kind"] in kinds]
     report = {"rank": rank, "world_size": world, "ok": result.ok, "error": result.error, "run": result.run_id,
               "stop_reason": result.stop_reason, "global_step": result.global_step,
@@ -317,7 +328,9 @@ def main(engine_name: str, model_dir: str, train: str, out_dir: str, name: str) 
               "full_norms": probe.full_norms, "sharded": probe.sharded, "lrs": probe.lrs,
               "counters": probe.counters, "stale": probe.stale, "loaded": probe.loaded, "batches": probe.batches,
               "adapter_sums": adapter, "recovery": trainer.guarded.recovery.state_dict(),
-              "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events]}
+              "events": [(e["kind"], e["guard"], e["step"], e["message"]) for e in events],
+              "remedies": [e["values"] for e in events if e["kind"] == "remedy"],
+              "diagnoses": {e["step"]: e["values"] for e in events if e["kind"] == "diagnosis"}}
     (out / f"rank{rank}_{name}.json").write_text(json.dumps(report, indent=1))
     close_process_group()
 

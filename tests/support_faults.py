@@ -74,3 +74,27 @@ class DropsNumItems:
         inner.accepts_loss_kwargs = True  # Qwen3-VL says False: the Trainer would divide by the accumulation
         forward = inner.forward
         inner.forward = lambda *args, num_items_in_batch=None, **kwargs: forward(*args, **kwargs)
+
+
+class Drift:
+    """A divergence that lives in the weights: every row's logits pushed by ``c`` times the adapters' mean
+    |lora_B| (0 at LoRA's start), in training and in a replay alike; only an earlier state undoes it."""
+
+    def __init__(self, c: float = 2000.0):
+        self.c, self.params = c, []
+
+    @hookimpl
+    def setup_model(self, model):
+        self.params = [p for n, p in model.named_parameters() if "lora_B" in n]
+        model.register_forward_hook(self.push, with_kwargs=True)
+
+    def push(self, module, args, kwargs, output):
+        from stabguard.faults import _causal_loss
+
+        size = torch.stack([p.detach().abs().mean() for p in self.params]).mean()
+        push = torch.zeros_like(output.logits)
+        push[..., -1] = self.c * size
+        output.logits = output.logits + push
+        if kwargs.get("labels") is not None:
+            output.loss = _causal_loss(output.logits, kwargs["labels"])
+        return output

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from stabguard import hookimpl
+from support_faults import Drift
+
 from stabguard.plugins.divergence import DivergenceGuard, Options
 from stabguard.trainer import StepState
 from stabguard.verdict import Action, Verdict
@@ -49,30 +50,6 @@ def test_a_rollback_forgets_the_undone_steps_and_the_state_round_trips():
     again = DivergenceGuard(Options(window=4))
     again.load_state_dict(guard.state_dict())
     assert again.state_dict() == guard.state_dict()
-
-
-class Drift:
-    """A divergence that lives in the weights: every row's logits pushed by ``c`` times the adapters' mean
-    |lora_B| (0 at LoRA's start), in training and in a replay alike; only an earlier state undoes it."""
-
-    def __init__(self, c: float = 2000.0):
-        self.c, self.params = c, []
-
-    @hookimpl
-    def setup_model(self, model):
-        self.params = [p for n, p in model.named_parameters() if "lora_B" in n]
-        model.register_forward_hook(self.push, with_kwargs=True)
-
-    def push(self, module, args, kwargs, output):
-        from stabguard.faults import _causal_loss
-
-        size = torch.stack([p.detach().abs().mean() for p in self.params]).mean()
-        push = torch.zeros_like(output.logits)
-        push[..., -1] = self.c * size
-        output.logits = output.logits + push
-        if kwargs.get("labels") is not None:
-            output.loss = _causal_loss(output.logits, kwargs["labels"])
-        return output
 
 
 def test_a_divergence_rewinds_to_the_best_earlier_state_with_a_lower_rate_and_the_run_finishes(run_guard):
