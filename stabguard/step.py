@@ -321,6 +321,8 @@ class GuardedStep:
 
     def _heal(self, host: StepHost, state: StepState, engine: Engine, micro: list[Micro],
               mismatches: list[dict]) -> None:
+        if not self.recovery.options.enabled:
+            return
         evidence = Evidence(reference=loss_of(self.snapshot), best=self._best(),
                             factor=self.recovery.options.evidence_factor, mismatches=mismatches)
         gathered = micro and self._replaying(state, lambda: replay.gather(host.replay_model(state.model), micro,
