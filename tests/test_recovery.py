@@ -86,6 +86,23 @@ def test_only_the_culprit_leaves_a_batch_it_damages_row_local_or_batch_wide(tmp_
     assert all(verdict == "PROCEED" for s, (verdict, _) in seen.steps.items() if s > step)
 
 
+def test_two_culprits_in_one_step_look_like_the_weights_and_each_is_named_at_its_next_step(tmp_path, tiny_assets):
+    """Lines 2 and 5 share step 3: every sample of it is high on its own (spread: the weights, not the data),
+    so neither is quarantined there; at their next steps each sits beside an innocent one and is named."""
+    seen = Samples()
+    result, _ = run_guarded(tmp_path, tiny_assets, seen, faults_plugin,
+                            training={"max_steps": 9, "per_device_train_batch_size": 2},
+                            guards={"spike": {**SPIKE, "min_history": 2, "max_rollbacks": 5},
+                                    "faults": {"spike_samples": ["train.jsonl:2", "train.jsonl:5"]}})
+    assert result.ok, result.stop_reason
+    found = diagnoses(result.output_dir)
+    assert found[3]["diagnosis"] == "spread" and found[3]["samples"] == [], "no quarantine without a contrast"
+    named = {e["step"]: e["values"]["samples"] for e in remedies(result.output_dir)}
+    assert sorted(s for samples in named.values() for s in samples) == [spiking(tiny_assets, 2),
+                                                                      spiking(tiny_assets, 5)]
+    assert all(step > 3 for step in named)
+
+
 def test_a_one_off_spike_is_a_transient_recorded_and_nothing_is_quarantined(tmp_path, tiny_assets):
     result, _ = run_guarded(tmp_path, tiny_assets, LossFault(at={6}, scale=50.0), training={"max_steps": 9},
                             guards={"spike": SPIKE})
