@@ -16,7 +16,6 @@ from stabguard.console import quiet_log_dicts, run_event_log
 from stabguard.events import EventLog
 from stabguard.manager import Plugins
 from stabguard.recipe import Recipe, RecipeError, load_recipe, plugin_lists
-from stabguard.verdict import GuardError
 
 EVENTS_FILE = "events.jsonl"
 

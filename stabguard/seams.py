@@ -16,7 +16,9 @@ SEAMS = [
     ("transformers.Trainer", "_clip_grad_norm", "overridden: called once per optimizer step after accumulation; "
                                                 "the guarded step runs here"),
     ("transformers.Trainer", "_get_grad_norm", "overridden: reached instead when max_grad_norm == 0"),
-    ("transformers.Trainer", "_save_checkpoint", "overridden: guard state is written into every checkpoint"),
+    ("transformers.Trainer", "_save_checkpoint", "overridden: guard state and the manifest (the commit) are "
+                                                 "written into every checkpoint; its rotation is held off "
+                                                 "(args.save_total_limit = None) until the commit"),
     ("transformers.Trainer", "_load_optimizer_and_scheduler", "overridden: guard state is read back on resume "
                                                               "(every engine, DeepSpeed included, comes here)"),
     ("transformers.Trainer", "_get_output_dir", "where checkpoints go"),

@@ -26,10 +26,11 @@ from stabguard.checkpoints import (
     MANIFEST_FILE,
     SaveError,
     expired,
-    final_save_skips,
     mark_guard_state,
     newest_committed,
+    stamps,
     write_manifest,
+    written_since,
 )
 from stabguard.engine import GradientArrival, TorchEngine, gathered_trainable
 from stabguard.recipe_schema import RecoverySection, SnapshotSection
@@ -430,16 +431,17 @@ class GuardedTrainer:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """The Trainer's save. After a sharded FSDP2 run, whose final save writes no weights, the adapter is
         gathered from every rank's shards and written whole to ``output_dir``, as on every other engine. A
-        final save (not a checkpoint's) is committed with a manifest of its files, as a checkpoint is."""
+        final save (not a checkpoint's) is committed with a manifest of the files it wrote."""
+        folder = output_dir or self.args.output_dir
+        before = stamps(folder) if self.args.should_save and not _internal_call and os.path.isdir(folder) else {}
         super().save_model(output_dir, _internal_call)
         if _internal_call:
             return  # a checkpoint's weights: its manifest comes with the rest of it
         if self.is_fsdp_enabled and not seams.fsdp_full_state_dict(self.accelerator):
-            self._save_gathered_adapter(output_dir or self.args.output_dir)
+            self._save_gathered_adapter(folder)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            folder = output_dir or self.args.output_dir
-            write_manifest(folder, skip=final_save_skips(folder))
+            write_manifest(folder, written_since(folder, before))
 
     def _save_gathered_adapter(self, output_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -472,7 +474,7 @@ class GuardedTrainer:
             tmp = folder / f".{GUARD_STATE_FILE}.tmp"  # atomic: a reader never sees half of it
             tmp.write_text(json.dumps(guard_state, indent=1))
             os.replace(tmp, folder / GUARD_STATE_FILE)
-        self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the commit lists them
+        self.accelerator.wait_for_everyone()  # every rank's shards are written before the commit lists them
         if self.args.should_save:
             self._commit(folder)
 

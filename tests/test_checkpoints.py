@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from stabguard.checkpoints import (
     GUARD_STATE_FILE,
     MANIFEST_FILE,
@@ -15,8 +13,10 @@ from stabguard.checkpoints import (
     human_size,
     mark_guard_state,
     newest_usable,
+    stamps,
     verify,
     write_manifest,
+    written_since,
 )
 
 
@@ -99,12 +99,18 @@ def test_newest_usable_falls_back_past_damaged_and_incomplete_ones(tmp_path):
         "checkpoint-12: optimizer.pt is 0 B, the manifest says 4.2 MB"]
 
 
-@pytest.mark.parametrize("skip", [("checkpoint-4",)])
-def test_the_final_saves_manifest_leaves_out_what_it_is_told(tmp_path, skip):
+def test_the_final_saves_manifest_lists_what_it_wrote_not_the_checkpoints_or_the_model_card(tmp_path):
     fake_checkpoint(tmp_path / "checkpoint-4")
-    (tmp_path / "adapter_model.bin").write_bytes(b"final")
-    write_manifest(tmp_path, skip=skip)
-    assert set(json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]) == {"adapter_model.bin"}
+    (tmp_path / "trainer_state.json").write_text("{}")  # saved before: not the final save's
+    (tmp_path / "events.jsonl").write_text("")
+    before = stamps(tmp_path)
+    assert set(before) == {tmp_path / "trainer_state.json"}, "checkpoints and the event log are not in it"
+    for name in ("adapter_model.safetensors", "README.md"):
+        (tmp_path / name).write_bytes(b"final")
+    write_manifest(tmp_path, written_since(tmp_path, before))
+    assert set(json.loads((tmp_path / MANIFEST_FILE).read_text())["files"]) == {"adapter_model.safetensors"}
+    (tmp_path / "README.md").write_text("the model card a framework writes afterwards")
+    assert verify(tmp_path).status == "verified"
 
 
 def test_expired_keeps_the_limit_the_one_being_committed_and_the_best(tmp_path):

@@ -44,6 +44,27 @@ def test_zero_checkpoint_resumes_partitions_and_guard_state(tmp_path, tiny_asset
         assert any(e[0] == "info" and "guard state restored" in e[3] for e in after["events"])
 
 
+def test_a_zero_checkpoint_with_one_ranks_partition_damaged_is_passed_over(tmp_path, tiny_assets):
+    """ZeRO-2: the manifest lists both ranks' optimizer partitions; rank 1's is rewritten in place (same
+    size, other bytes): --resume last names it and both ranks resume from checkpoint-2, bit for bit."""
+    from stabguard.checkpoints import MANIFEST_FILE, verify
+
+    saved = engine_run(tmp_path, "zero2", "save", tiny_assets)
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    partitions = sorted(name for name in listed if "optim_states" in name)
+    assert [name.rsplit("/", 1)[1][:16] for name in partitions] == ["zero_pp_rank_0_m", "zero_pp_rank_1_m"], partitions
+    rank1 = checkpoint / partitions[1]
+    rank1.write_bytes(bytes(rank1.stat().st_size))  # bit rot: the size is right, the bytes are not
+    assert verify(checkpoint).status == "damaged"
+    resumed = engine_run(tmp_path, "zero2", "resume-last", tiny_assets)
+    for before, after in zip(saved, resumed):
+        said = [e[3] for e in after["events"]]
+        assert any(f"{partitions[1]} has the manifest's size but not its content" in m for m in said), said
+        assert any(m.endswith("checkpoint-2 (the newest that verifies)") for m in said), said
+        assert after["digests"]["4"] == before["digests"]["4"] and after["counters"]["4"] == before["counters"]["4"]
+
+
 def test_zero3_stop_checkpoints_the_verified_partitions(tmp_path, tiny_assets):
     stopped = engine_run(tmp_path, "zero3", "stop", tiny_assets)
     guard_state = json.loads((tmp_path / "run" / "checkpoint-2" / "stabguard_state.json").read_text())
