@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario names (clean is always run)")
     parser.add_argument("--recovery", default="{}", help="the healing arm's [recovery] as JSON, e.g. "
                         "'{\"remedies\": [\"cool_down\"]}' (default: stabguard's defaults)")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (default: all)")
+    parser.add_argument("--arms", default=";".join(ARMS), help="arms to run, separated by ';' (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
     opts = parser.parse_args(argv)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in found:
             assets = poisoned if scenario.name == "poisoned" else warm
             cells = {}
-            for arm in [a for a in ARMS if a in opts.arms.split(",")]:
+            for arm in [a for a in ARMS if a in opts.arms.split(";")]:
                 out = Path(tmp) / "out" / f"{scenario.name}-{arm.replace(', ', '-').replace(' ', '')}"
                 result, remedies, innocent = run_one(arm, scenario, assets, out, probe, json.loads(opts.recovery))
                 clean.setdefault(arm, result)
@@ -206,7 +206,7 @@ def report(rows, total: float, opts, warm: dict) -> str:
     lines += ["", "| scenario | what is wrong |", "|---|---|"] + [f"| {s.name} | {s.what} |" for s, _ in rows]
     command = "python bench/recovery.py" + (f" --lrs {opts.lrs}" if opts.lrs != "3e-2,1e-1,3e-1" else "") \
         + (f" --recovery '{opts.recovery}'" if opts.recovery != "{}" else "") \
-        + (f" --arms '{opts.arms}'" if opts.arms != ",".join(ARMS) else "")
+        + (f" --arms '{opts.arms}'" if opts.arms != ";".join(ARMS) else "")
     return RECOVERY.format(command=command + (f" --only {opts.only}" if opts.only else ""), total=total / 60,
                            machine=instability.machine_text(), torch=torch.__version__,
                            transformers=transformers.__version__, steps=STEPS, table="\n".join(lines),

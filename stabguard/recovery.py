@@ -18,9 +18,9 @@ guard) becomes a ROLLBACK plus one remedy while the budget lasts, chosen by the 
   ``where`` names when one holds most of the norm, else **cool down**; an isolated transient -> a retry;
 - no replay (sharded weights) -> cool down, then tighten the clip.
 
-A cool-down brings the learning rate ``lr_cut`` times below the rate in force where the loss first went
-high (OPT, by hand). A remedy that did not help (the next healable STOP came first) is not chosen again;
-a cool-down is, only to a lower rate than the one that failed. Guards propose their own remedies through
+A cool-down brings the learning rate ``lr_cut`` times below the rate in force where it went wrong (OPT, by
+hand): the first step of the burst, or, after a rewind, the first of three high steps since the state it
+went back to. A remedy that did not help (a healable STOP came again) is not chosen again. Guards propose their own remedies through
 ``propose_remedies``. Each remedy is a ``remedy`` event with its evidence and before/after values;
 everything is in every checkpoint (:meth:`Recovery.state_dict`). Healthy steps pay no host sync.
 """
@@ -38,7 +38,6 @@ from stabguard.replay import Diagnosis
 from stabguard.verdict import Action, HookError, Verdict
 
 UNNAMED = "batch row "  # a row a framework built without an id: never quarantined (it names no sample)
-REPEATABLE = ("cool_down", "rewind")  # each time to a lower rate than the one that failed
 HISTORY = 200  # steps of (lr, loss) kept to find where the loss first went high
 
 
@@ -164,7 +163,7 @@ class Recovery:
     def _trajectory(self, diagnosis: Diagnosis, context, burst: bool) -> Remedy | None:
         """The remedy for a run whose updates, not its data, keep going wrong (none tried in vain before)."""
         failed = self._failed()
-        allowed = [r for r in self.options.remedies if r not in failed or r in REPEATABLE]
+        allowed = [r for r in self.options.remedies if r not in failed]
         share = context.top_share() if context is not None else (None, 0.0)
         if diagnosis.kind == "diverged" and "rewind" in allowed and context is not None and context.can_rewind():
             return Remedy("rewind", diagnosis.said)
@@ -208,9 +207,11 @@ class Recovery:
         if remedy.name == "quarantine":
             return self._quarantine(remedy, state.step)
         if remedy.name == "rewind":
-            return {**context.rewind(), **self._cool_down(state.step, host)}
+            rewound = context.rewind()
+            since = self._went_high(rewound["restored_step"], rewound["restored_loss"])
+            return {**rewound, **self._cool_down(state.step, host, since)}
         if remedy.name == "cool_down":
-            return self._cool_down(state.step, host)
+            return self._cool_down(state.step, host, self._burst_start(state.step))
         if remedy.name == "reset_moments":
             return context.reset_moments()
         if remedy.name == "tighten_clip":
@@ -227,31 +228,36 @@ class Recovery:
         return {"samples": list(remedy.samples), "before": len(self.quarantined) - len(remedy.samples),
                 "after": len(self.quarantined)}
 
-    def _cool_down(self, step: int, host) -> dict:
-        """The learning rate ``lr_cut`` times below the rate where the loss first went high (and below now)."""
+    def _cool_down(self, step: int, host, broke_at: int | None) -> dict:
+        """The learning rate ``lr_cut`` times below the rate in force at step ``broke_at`` (and below now)."""
         peak = host.peak_lr()
-        broke, at = self._rate_where_it_broke(peak)
+        broke = self.history.get(broke_at, [peak])[0] if broke_at is not None else peak
+        broke = broke if broke > 0 else peak
         factor = min(1.0, broke / peak) / self.options.lr_cut if peak else 1 / self.options.lr_cut
         before, after = host.scale_lr(factor)
         total = factor * (self.cool["factor"] if self.cool else 1.0)
         until = step + self.options.cool_steps if self.options.cool_steps else None
         self.cool = {"factor": total, "until": until}
         return {"before": before, "after": after, "until": until, "peak_before": peak, "peak_after": peak * factor,
-                "broke_at": at, "broke_lr": broke}
+                "broke_at": broke_at, "broke_lr": broke}
 
-    def _rate_where_it_broke(self, peak: float) -> tuple[float, int | None]:
-        """The learning rate of the first step whose loss (the highest of any rank's) went above
-        ``evidence_factor`` x the lowest loss kept."""
-        losses = [(s, lr, loss) for s, (lr, loss) in sorted(_highest_across_ranks(self.history).items())
-                  if loss is not None]
-        finite = [loss for _, _, loss in losses if loss == loss and loss != float("inf")]
-        if not finite:
-            return peak, None
-        best = min(finite)
-        low = min(s for s, _, loss in losses if loss == best)
-        high = next(((s, lr) for s, lr, loss in losses
-                     if s > low and lr > 0 and not loss <= self.options.evidence_factor * best), None)
-        return (high[1], high[0]) if high else (peak, None)
+    def _burst_start(self, step: int) -> int:
+        """The first rejected step of the burst that ends at ``step`` (each within ``burst_steps`` of the next)."""
+        start = step
+        for rejected, _ in reversed(self.rejected):
+            if start - rejected > self.options.burst_steps:
+                break
+            start = min(start, rejected)
+        return start
+
+    def _went_high(self, since: int, reference: float | None) -> int | None:
+        """The first step after ``since`` from which three losses in a row (the highest of any rank's) were
+        above ``evidence_factor`` times ``reference``: where the run left the state it is rewound to."""
+        if reference is None:
+            return None
+        losses = [(s, loss) for s, (_, loss) in sorted(_highest_across_ranks(self.history).items()) if s > since]
+        high = [s for s, loss in losses if loss is not None and not loss <= self.options.evidence_factor * reference]
+        return next((s for s in high if {s + 1, s + 2} <= set(high)), high[0] if high else None)
 
     def _tighten_clip(self, host) -> dict:
         before = self.clip if self.clip is not None else host.max_grad_norm()
