@@ -142,7 +142,8 @@ class _HookCallback(TrainerCallback):
             t.events.echo.flush()  # the "N more like the above" line of a repeated decision
 
 
-PYTHON_GUARDS = ("mask", "grad_norm", "nonfinite", "spike", "divergence")  # what guarded(...) enables when given no plugins
+# What guarded(...) enables when given no plugins.
+PYTHON_GUARDS = ("mask", "grad_norm", "nonfinite", "spike", "divergence")
 
 
 class GuardedTrainer:
