@@ -288,7 +288,8 @@ def test_rows_without_an_id_are_never_quarantined():
 def test_the_recovery_state_round_trips_through_json():
     recovery = Recovery(RecoverySection(), EventLog())
     recovery.quarantined = {"s": {"step": 2, "evidence": "e"}}
-    recovery.rejected, recovery.clip, recovery.applied = [[1, "transient"], [2, "concentrated"]], 0.25, [[2, "quarantine"]]
+    recovery.rejected = [[1, "transient"], [2, "concentrated"]]
+    recovery.clip, recovery.applied = 0.25, [[2, "quarantine"]]
     recovery.cool, recovery.history = {"factor": 0.1, "until": None}, {1: [1e-3, 7.2], 2: [1e-3, None]}
     again = Recovery(RecoverySection(), EventLog())
     again.load_state_dict(json.loads(json.dumps(recovery.state_dict())))

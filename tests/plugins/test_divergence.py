@@ -46,7 +46,7 @@ def test_a_rollback_forgets_the_undone_steps_and_the_state_round_trips():
     guard = DivergenceGuard(Options(window=4))
     feed(guard, [1.0, 1.0, 1.0, 2.5, 2.6])
     guard.on_rollback(state=None, restored_step=2)
-    assert [s for s, _ in guard.losses] == [2, 3], "the window held steps 2-5; the loss of step 3 came from the restored state"
+    assert [s for s, _ in guard.losses] == [2, 3], "it held steps 2-5; step 3's loss came from the restored state"
     again = DivergenceGuard(Options(window=4))
     again.load_state_dict(guard.state_dict())
     assert again.state_dict() == guard.state_dict()
