@@ -21,9 +21,9 @@ guard) becomes a ROLLBACK plus one remedy while the budget lasts, chosen by the 
 A cool-down brings the learning rate ``lr_cut`` times below the rate in force where it went wrong (OPT, by
 hand): the first step of the burst, or, after a rewind, the first of three high steps since the state it
 went back to. A remedy that did not help (a healable STOP came again) is not chosen again. Guards propose
-their own remedies through
-``propose_remedies``. Each remedy is a ``remedy`` event with its evidence and before/after values;
-everything is in every checkpoint (:meth:`Recovery.state_dict`). Healthy steps pay no host sync.
+their own remedies through ``propose_remedies``. Each remedy is a ``remedy`` event with its evidence and
+before/after values; everything is in every checkpoint (:meth:`Recovery.state_dict`). Healthy steps pay
+no host sync.
 """
 
 from __future__ import annotations
