@@ -90,7 +90,7 @@ class Recovery:
 
     def remember(self, step: int, lr: float, loss: float | None) -> None:
         """The step's learning rate and (when a guard read it) loss: where a cool-down aims."""
-        self.history[step] = [lr, loss]
+        self.history[step] = [lr if isinstance(lr, (int, float)) else None, loss]  # a tensor rate: not read
         self.history.pop(step - HISTORY, None)
 
     def drop_rows(self, ids: list[str]) -> list[int]:
@@ -233,7 +233,7 @@ class Recovery:
         """The learning rate ``lr_cut`` times below the rate in force at step ``broke_at`` (and below now)."""
         peak = host.peak_lr()
         broke = self.history.get(broke_at, [peak])[0] if broke_at is not None else peak
-        broke = broke if broke > 0 else peak
+        broke = broke if isinstance(broke, (int, float)) and broke > 0 else peak
         factor = min(1.0, broke / peak) / self.options.lr_cut if peak else 1 / self.options.lr_cut
         before, after = host.scale_lr(factor)
         total = factor * (self.cool["factor"] if self.cool else 1.0)
