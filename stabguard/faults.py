@@ -7,6 +7,8 @@ Every fault happens where a real one would, before any guard looks:
 - ``nan_grad_at`` / ``inf_grad_at``: a NaN or an Inf in one LoRA gradient during the backward pass of
   the chosen optimizer steps; ``grad_scale_at``: that gradient multiplied by ``grad_scale`` (finite, huge);
 - ``loss_spike_at``: the loss of the chosen steps multiplied by ``loss_scale`` (the gradients follow);
+- ``inf_loss_at`` / ``nan_loss_at``: the loss of the chosen steps becomes Inf or NaN while the gradients
+  stay finite (what a rank whose loss alone overflowed reports: only a check of the loss sees it);
 - ``spike_samples``: a sample that spikes every time it is seen, in training or in a replay: its logits
   pushed by ``logit_push`` towards a token it never predicts, so its own loss rises by about that much
   (its id, ``path:line``, or the end of it after a ``/``: ``train.jsonl:7``); once it is quarantined
@@ -19,12 +21,15 @@ Every fault happens where a real one would, before any guard looks:
 - ``nan_pixels_at``: a corrupt image (every pixel value NaN) in the chosen collated micro-batches;
 - ``masked_batch_at``: a fully masked micro-batch (every label -100: the loss is 0/0).
 
-Steps are optimizer steps, 1-based. Micro-batches are counted in collation order, 1-based: with
+``ranks`` limits every fault to those process ranks (``RANK`` under torchrun; empty: every rank), so a
+fault can hit one rank of a multi-rank run. Steps are optimizer steps, 1-based. Micro-batches are counted in collation order, 1-based: with
 ``gradient_accumulation_steps = 1`` micro-batch N is trained in step N. ``recipes/pcb_tiny_faults.toml``
 uses it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from pydantic import Field
@@ -42,6 +47,10 @@ class Options(GuardOptions):
     grad_scale: float = Field(default=1e4, gt=0, description="the factor for grad_scale_at")
     loss_spike_at: list[int] = Field(default_factory=list, description="optimizer steps whose loss is scaled")
     loss_scale: float = Field(default=50.0, gt=0, description="the factor for loss_spike_at")
+    inf_loss_at: list[int] = Field(default_factory=list, description="optimizer steps whose loss is Inf "
+                                   "(gradients finite)")
+    nan_loss_at: list[int] = Field(default_factory=list, description="optimizer steps whose loss is NaN "
+                                   "(gradients finite)")
     spike_samples: list[str] = Field(default_factory=list, description="samples whose own loss is raised "
                                      "whenever they are seen")
     poison_batch_samples: list[str] = Field(default_factory=list, description="samples that raise the loss of "
@@ -55,6 +64,8 @@ class Options(GuardOptions):
     damage_std: float = Field(default=0.5, gt=0, description="the noise's standard deviation for damage_at")
     nan_pixels_at: list[int] = Field(default_factory=list, description="micro-batches whose images become NaN")
     masked_batch_at: list[int] = Field(default_factory=list, description="micro-batches whose labels are all -100")
+    ranks: list[int] = Field(default_factory=list, description="the process ranks the faults act on (empty: "
+                             "every rank)")
 
 
 class FaultInjector:
@@ -69,29 +80,42 @@ class FaultInjector:
     def setup_model(self, model, events):
         name, param = lora_b(model)
         param.register_hook(self._corrupt)
-        if self.options.loss_spike_at:
+        if self.options.loss_spike_at or self.options.inf_loss_at or self.options.nan_loss_at:
             model.register_forward_hook(self._spike)
         if self.options.spike_samples or self.options.poison_batch_samples:
             model.register_forward_hook(self._push_rows, with_kwargs=True)
         armed = {k: v for k, v in self.options.model_dump().items() if k.endswith("_at") and v}
-        events.record(NAME, "info", f"fault injection armed on {name}: {armed or 'nothing'}", armed=armed)
+        if not self._here():
+            armed = {}
+        ranks = f" on rank(s) {self.options.ranks}" if self.options.ranks else ""
+        events.record(NAME, "info", f"fault injection armed on {name}{ranks}: {armed or 'nothing'}", armed=armed)
+
+    def _here(self) -> bool:
+        return not self.options.ranks or int(os.environ.get("RANK", "0")) in self.options.ranks
 
     def _corrupt(self, grad: torch.Tensor) -> torch.Tensor:
         opts = self.options
+        if not self._here():
+            return grad
         scale = opts.grad_scale if self.step in opts.grad_scale_at else None
         value = float("nan") if self.step in opts.nan_grad_at else float("inf") if self.step in opts.inf_grad_at else None
         return grad if scale is None and value is None else corrupted(grad, value=value, scale=scale)
 
     def _spike(self, module, args, output):
-        if module.training and torch.is_grad_enabled() and self.step in self.options.loss_spike_at and getattr(output, "loss", None) is not None:
-            output.loss = output.loss * self.options.loss_scale
-            return output
-        return None
+        opts, loss = self.options, getattr(output, "loss", None)
+        if not (module.training and torch.is_grad_enabled() and loss is not None and self._here()):
+            return None  # a replay runs without gradients: it does not see these faults (transients)
+        if self.step in opts.loss_spike_at:
+            output.loss = loss * opts.loss_scale
+        value = float("inf") if self.step in opts.inf_loss_at else float("nan") if self.step in opts.nan_loss_at else None
+        if value is not None:
+            output.loss = output.loss + (value - output.loss.detach())  # the value only: gradients unchanged
+        return output
 
     def _push_rows(self, module, args, kwargs, output):
         """Rows are told by their tokens, so a replay, alone or in another batch, is hit as training was."""
         ids, logits = kwargs.get("input_ids"), getattr(output, "logits", None)
-        if ids is None or logits is None or self.step < self.options.spike_from:
+        if ids is None or logits is None or self.step < self.options.spike_from or not self._here():
             return None
         prints = [_fingerprint(row, mask) for row, mask in zip(ids, _mask(kwargs, ids))]
         rows = [r for r, f in enumerate(prints) if f in self.spiking]
@@ -113,6 +137,8 @@ class FaultInjector:
     @hookimpl(tryfirst=True)  # before any guard audits the batch
     def post_collate(self, batch, samples, events):
         self.collated += 1
+        if not self._here():
+            return
         for row, sample in enumerate(samples):
             for names, found in ((self.options.spike_samples, self.spiking),
                                  (self.options.poison_batch_samples, self.poisoning)):
@@ -130,7 +156,7 @@ class FaultInjector:
     @hookimpl
     def on_step_end(self, state, events):
         self.step = state.step + 1
-        if state.step in self.options.damage_at:
+        if state.step in self.options.damage_at and self._here():
             self._damage(state.model, state.step, events)
 
     @torch.no_grad()

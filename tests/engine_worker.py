@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 
 import torch
+from cpu_fsdp.sitecustomize import lift_cpu_gate
 from support import tiny_recipe, write_recipe
 from support_faults import (GUARDS, Amplify, CutPath, DropsNumItems, Drift, GradFault, LossFault, StepProbe,
                            StopAt, guard_plugins)
@@ -76,25 +77,6 @@ def training_for(engine_name: str) -> dict:
     if "ga2" in options:
         training.update(gradient_accumulation_steps=2, per_device_train_batch_size=1)
     return training
-
-
-def lift_cpu_gate() -> None:
-    """accelerate (state.py) sets DistributedType.FSDP only for accelerator device types; on a CPU
-    (MULTI_CPU) it drops the FSDP plugin. Put it back, exactly as its accelerator branch would."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    init = AcceleratorState.__init__
-
-    def patched(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-
-    AcceleratorState.__init__ = patched
 
 
 def digest(state) -> str:

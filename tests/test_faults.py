@@ -28,3 +28,22 @@ def test_without_faults_configured_nothing_breaks(tmp_path, tiny_assets):
     recipe = tiny_recipe(tiny_assets, tmp_path / "out", plugins=["stabguard.faults"])
     result = run(write_recipe(tmp_path / "r.toml", recipe), plugins=plugins)
     assert result.ok and result.skipped_steps == 0
+
+
+def test_an_inf_loss_with_finite_gradients_is_skipped_and_a_fault_for_another_rank_does_nothing(tmp_path, tiny_assets):
+    """inf_loss_at changes the loss's value only (a rank whose loss alone overflowed): the nonfinite guard's
+    check of the loss must see it. ``ranks`` limits the faults: rank 1's fault does not fire on rank 0."""
+    guards = {"faults": {"inf_loss_at": [2], "nan_loss_at": [4], "ranks": [0]}}
+    recipe = tiny_recipe(tiny_assets, tmp_path / "out", training={"max_steps": 5}, plugins=["stabguard.faults"],
+                         guards=guards)
+    result = run(write_recipe(tmp_path / "r.toml", recipe), plugins=Plugins.for_recipe(["stabguard.faults"]))
+    events = read_events(result.output_dir / "events.jsonl")
+    skips = {e["step"]: e["message"] for e in events if e["kind"] == "skip"}
+    assert sorted(skips) == [2, 4], f"the Inf loss and the NaN loss are skipped: {skips}"
+    assert "non-finite loss (loss=inf" in skips[2] and "non-finite loss (loss=nan" in skips[4], skips
+
+    guards["faults"]["ranks"] = [1]
+    recipe = tiny_recipe(tiny_assets, tmp_path / "other", training={"max_steps": 5}, plugins=["stabguard.faults"],
+                         guards=guards)
+    result = run(write_recipe(tmp_path / "r.toml", recipe), plugins=Plugins.for_recipe(["stabguard.faults"]))
+    assert result.ok and result.skipped_steps == 0, "faults for rank 1 do not act on rank 0"
