@@ -146,7 +146,8 @@ def run(recipe_path: str | Path, *, resume: str | bool | None = None, plugins: P
         trainer = build_trainer(recipe, plugins, events, args)
         trainer.guarded.heal_on_resume = heal
         quiet_log_dicts(trainer)  # its log dicts, printed through the progress bar, are echo's log lines now
-        trainer.train(resume_from_checkpoint=resolve_resume(output_dir, resume, events))
+        trainer.resume_verified = resolve_resume(output_dir, resume, events)  # said once, here
+        trainer.train(resume_from_checkpoint=trainer.resume_verified)
         trainer.save_state()
         for dataset in (trainer.train_dataset, trainer.eval_dataset):
             if getattr(dataset, "skipped", None):  # data.bad_rows = "skip": say what was left out

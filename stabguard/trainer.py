@@ -25,6 +25,7 @@ from stabguard.checkpoints import (
     GUARD_STATE_FILE,
     MANIFEST_FILE,
     SaveError,
+    choose_resume,
     expired,
     mark_guard_state,
     newest_committed,
@@ -189,6 +190,7 @@ class GuardedTrainer:
                                    recovery=recovery,
                                    snapshots=SnapshotSection(ring=snapshot_ring, ring_every=snapshot_ring_every))
         self.last_step: StepState | None = None
+        self.resume_verified: str | None = None  # a checkpoint stabguard run has verified already
         self._all_quarantined = False  # every row of the micro-batch being trained is quarantined
         self._images: list[int] = []  # the images of each row of the micro-batch being trained
         self._window_steps = self._window_dropped = 0  # optimizer steps since the last log line
@@ -250,17 +252,31 @@ class GuardedTrainer:
 
     # -- the step ----------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.guarded.dropped_this_run = 0
+        if resume_from_checkpoint and resume_from_checkpoint != self.resume_verified:
+            resume_from_checkpoint = self._verified_resume(resume_from_checkpoint)
         if not self.guarded.reach_checked:  # the first step names trainable tensors no gradient reached
             self.guarded.arrival = GradientArrival(self.model)
         try:
-            out = super().train(*args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if self.guarded.arrival is not None:  # no step ran
                 self.guarded.arrival.remove()
                 self.guarded.arrival = None
         return TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss), out.metrics)
+
+    def _verified_resume(self, resume) -> str:
+        """The checkpoint to resume from, verified against its manifest, however the resume was asked for (a
+        framework's ``resume_from_checkpoint``, ``stabguard run --resume``): True is the newest that verifies
+        (the Trainer's own pick is the highest number, complete or not); a folder must verify, else
+        :class:`~stabguard.checkpoints.ResumeError` names what is wrong and the newest good one."""
+        chosen, notes = choose_resume(seams.output_dir(self), "last" if resume is True else str(resume))
+        for note in notes:
+            self.events.record("core", "info", f"resume: {note}", console=True)
+            if self.events.echo is None and self.is_world_process_zero():  # a framework's run: no console echo
+                print(f"stabguard: resume: {note}", flush=True)
+        return str(chosen)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         samples, verdict = self._data_verdict(inputs)

@@ -79,6 +79,36 @@ def test_an_explicit_path_that_fails_exits_2_naming_the_file_and_the_newest_good
     assert "Traceback" not in ran.output
 
 
+def framework_trainer(recipe_path, out):
+    """The trainer as a framework holds it: built, then ``train(resume_from_checkpoint=...)`` called by the
+    framework's own code, not by ``stabguard run`` (which verifies before it calls)."""
+    import transformers
+
+    from stabguard.events import EventLog
+    from stabguard.runner import build_trainer, prepare, run_arguments
+
+    recipe, plugins = prepare(recipe_path)
+    plugins.enable_guards(recipe.guards)
+    args = transformers.TrainingArguments(**run_arguments(recipe))
+    return build_trainer(recipe, plugins, EventLog(out / "events.jsonl"), args)
+
+
+def test_a_framework_s_resume_is_verified_too(run_copy, capsys):
+    """resume_from_checkpoint=True is the Trainer's highest-numbered folder, complete or not: the guarded
+    trainer takes the newest that verifies instead, and says so; an explicit damaged folder is refused."""
+    out, recipe = run_copy
+    cut_in_half(out / "checkpoint-6" / "optimizer.pt")
+    trainer = framework_trainer(recipe, out)
+    with pytest.raises(ResumeError, match="checkpoint-6: optimizer.pt is .*the newest good one is .*checkpoint-4"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 8
+    said = capsys.readouterr().out
+    assert f"stabguard: resume: resuming from {out / 'checkpoint-4'} (the newest that verifies)" in said
+    restored = [e for e in trainer.events.events if e["message"].startswith("guard state restored from")]
+    assert [e["values"]["resumed_from"] for e in restored] == [str(out / "checkpoint-4")]
+
+
 def test_a_missing_file_is_named_and_passed_over(run_copy):
     out, _ = run_copy
     (out / "checkpoint-6" / "scheduler.pt").unlink()
