@@ -180,6 +180,21 @@ def stack_facts(recipe, model) -> dict[str, Any]:
     }
 
 
+def trainer_facts(trainer) -> dict[str, Any]:
+    """The known-bad table's facts for a trainer a framework built (no recipe: its arguments and model)."""
+    from stabguard.engine_check import engine_of
+
+    args, model = trainer.args, trainer.model
+    config = getattr(model, "config", None)
+    training = {"fp16": args.fp16, "bf16": args.bf16, "deepspeed": args.deepspeed,
+                "fsdp": bool(args.fsdp), "fsdp_config": {"version": (args.fsdp_config or {}).get("version", 2)}}
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(config, "quantization_config", None)
+    return {**environment_facts(), "attn_implementation": getattr(config, "_attn_implementation", None),
+            "engine": engine_of(training), "precision": precision_of(training),
+            "quantization": "4bit" if quantized else "none", "max_length": None,
+            "model": getattr(config, "_name_or_path", None)}
+
+
 def stack_findings(facts: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """``(level, message, details)`` for each known-bad entry the facts match."""
     found = []
@@ -340,6 +355,7 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
         "pixels": (min(p[0] for p in pixels), max(p[1] for p in pixels)) if pixels else None,
         "loss": sum(r["loss"] for r in everyone) / len(everyone),
         "reference": sum(r["loss_sum"] for r in everyone) / max(sum(r["tokens"] for r in everyone), 1),
+        "tokens": sum(r["tokens"] for r in everyone),
         "micro_batches": everyone[0]["micro_batches"], "samples": everyone[0]["samples"], "ranks": len(everyone),
         "seconds": max(r["seconds"] for r in everyone), "peak_bytes": max(bytes_) if bytes_ else None,
         "guards": guards,
@@ -390,11 +406,16 @@ def probe(recipe, plugins, report, events, *, batches: int = 2, output_dir: str 
         why = f"the step stopped first: {stopped.reason}" if stopped else f"{recipe.data.train} gave no batch"
         report.add("probe", "error", f"the probe's step did not run: {why}")
         return
-    facts = stack_facts(recipe, trainer.model)
+    report_seen(seen, stack_facts(recipe, trainer.model), trainer, recorder.processor, report)
+
+
+def report_seen(seen: dict, facts: dict[str, Any], trainer, processor, report) -> None:
+    """What the probe's step showed (``StepRecorder.seen``), as findings: shared by ``stabguard check
+    --probe`` and a framework's run in probe mode (``stabguard.integrations``)."""
     report_gradients(seen["gradients"], report)
     report_activations(seen["peaks"], facts["precision"], report)
     check_accumulation(seen, loss_is_scaled(trainer), report)
-    check_pixels(recorder.processor, seen["pixels"], report)
+    check_pixels(processor, seen["pixels"], report)
     for level, message, details in stack_findings(facts):
         report.add("probe: stack", level, message, details)
     if not any(f.check == "probe: stack" for f in report.findings):
@@ -474,6 +495,10 @@ def check_accumulation(seen: dict, scaled: bool, report) -> None:
     k = seen["micro_batches"]
     if k < 2:
         report.add(check, "info", "one batch probed: the accumulation check needs --batches 2 or more")
+        return
+    if not seen.get("tokens"):
+        report.add(check, "info", "not checked: the model's forward got no labels (the trainer computes the loss "
+                   "outside the model, as TRL's SFTTrainer does), so there is no model loss to compare")
         return
     accumulated, reference = seen["loss"], seen["reference"]
     factor = accumulated / reference if reference else math.nan

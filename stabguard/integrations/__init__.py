@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = ["GuardSettings", "RunStopped", "guarded_trainer", "settings_from_env"]
 
 RECIPE_ENV, GUARDS_ENV, PLUGINS_ENV = "STABGUARD_RECIPE", "STABGUARD_GUARDS", "STABGUARD_PLUGINS"
+PROBE_ENV = "STABGUARD_PROBE"
 
 
 class GuardSettings(BaseModel):
@@ -36,6 +37,7 @@ class GuardSettings(BaseModel):
     snapshot_every: int = Field(default=1, ge=0)
     snapshot_offload: bool = False
     recovery: dict[str, Any] | None = None  # the [recovery] table; None: its defaults
+    probe: bool = False  # run the first step with its update vetoed, print the probe's report, exit
 
     @model_validator(mode="after")
     def _merge_recipe_and_check(self) -> GuardSettings:
@@ -89,7 +91,8 @@ class GuardSettings(BaseModel):
 def settings_from_env(environ=None) -> GuardSettings:
     """Settings for a framework whose command line has no place for them: ``STABGUARD_RECIPE`` (a TOML
     file's tables), ``STABGUARD_GUARDS`` (a JSON object ``{guard: {option: value}}``) and
-    ``STABGUARD_PLUGINS`` (plugin modules, comma-separated); none set: the default guards."""
+    ``STABGUARD_PLUGINS`` (plugin modules, comma-separated); none set: the default guards.
+    ``STABGUARD_PROBE=1``: the probe instead of training (:mod:`stabguard.integrations.probe`)."""
     import json
     import os
 
@@ -104,6 +107,8 @@ def settings_from_env(environ=None) -> GuardSettings:
             raise ValueError(f"{GUARDS_ENV}: not JSON ({exc}): {environ[GUARDS_ENV]!r}") from None
     if environ.get(PLUGINS_ENV):
         given["plugins"] = [m.strip() for m in environ[PLUGINS_ENV].split(",") if m.strip()]
+    if environ.get(PROBE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        given["probe"] = True
     return GuardSettings.model_validate(given)
 
 
@@ -124,13 +129,18 @@ def guarded_trainer(base: type, settings: GuardSettings, *, processor=None) -> t
     :param processor: ``processor(trainer)`` -> the processor the data guards read labels with, for
         frameworks that pass only the tokenizer as ``processing_class``.
     """
+    from stabguard.integrations import probe
     from stabguard.trainer import guarded
 
     parent = guarded(base)
 
     def __init__(self, *args, **kwargs):
-        parent.__init__(self, *args, plugins=settings.make_plugins(), setup_guards=True, **settings.step_kwargs(),
-                        **kwargs)
+        plugins, self.probe_recorder = settings.make_plugins(), None
+        if settings.probe:
+            self.probe_recorder = probe.start(plugins, args, kwargs)
+        parent.__init__(self, *args, plugins=plugins, setup_guards=True, **settings.step_kwargs(), **kwargs)
+        if settings.probe:
+            probe.restrict(self)
 
     def processor_for_guards(self):
         found = processor(self) if processor is not None else None
@@ -138,6 +148,8 @@ def guarded_trainer(base: type, settings: GuardSettings, *, processor=None) -> t
 
     def train(self, *args, **kwargs):
         out = parent.train(self, *args, **kwargs)
+        if self.probe_recorder is not None:
+            probe.finish(self, self.probe_recorder, base.__name__)
         if self.stop_reason is not None:
             raise RunStopped(self)
         return out

@@ -84,3 +84,30 @@ def test_the_llamafactory_command_says_how_to_get_llamafactory_when_it_is_missin
     (tmp_path / "config.yaml").write_text("stage: sft\n")
     result = CliRunner().invoke(main, ["llamafactory", "train", str(tmp_path / "config.yaml")])
     assert result.exit_code == 1 and "LLaMA-Factory is not installed here: pip install llamafactory" in result.output
+
+
+def test_probe_mode_runs_the_framework_s_first_step_vetoed_reports_and_exits(tmp_path, tiny_assets, capsys):
+    """``probe: true``: the framework's trainer as built for training; its first step runs with the update
+    vetoed, in a scratch folder, the probe's report is printed and the command exits (1: an error found).
+    A NaN gradient makes the report's error; with none it exits 0. Nothing lands in the run's folder."""
+    trl = pytest.importorskip("trl")
+    from test_trl import sft_trainer_kwargs
+
+    def probed(guards):
+        settings = GuardSettings(plugins=["stabguard.faults"], guards=guards, probe=True)
+        kwargs = sft_trainer_kwargs(tmp_path, tiny_assets)
+        trainer = guarded_trainer(trl.SFTTrainer, settings)(**kwargs)
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        with pytest.raises(SystemExit) as ended:
+            trainer.train()
+        assert trainer.state.global_step == 1 and all(
+            torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters() if p.requires_grad), "no update"
+        return ended.value.code, capsys.readouterr().out, kwargs["args"].output_dir
+
+    code, said, scratch = probed({"nonfinite": {}, "faults": {"nan_grad_at": [1]}})
+    assert code == 1 and "SFTTrainer (probe of the framework's own run)" in said
+    assert "ERROR  probe: gradients: 1 trainable tensors got NaN/Inf gradients" in said, said
+    assert "language_model.layers.0.self_attn.q_proj (lora_B)" in said, "the tensor the NaN was put into"
+    assert "stabguard-probe-" in scratch and not list((tmp_path / "out").glob("checkpoint-*"))
+    code, said, _ = probed({"nonfinite": {}})
+    assert code == 0 and "ok  probe: gradients: all " in said and "0 error(s)" in said, said
