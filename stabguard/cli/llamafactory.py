@@ -23,7 +23,7 @@ def train(config, overrides):
     from stabguard.integrations.llamafactory import train as run_train
 
     try:
-        run_train([config, *overrides])
+        workers = run_train([config, *overrides])
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "llamafactory":
             raise click.ClickException("LLaMA-Factory is not installed here: pip install llamafactory") from None
@@ -31,3 +31,5 @@ def train(config, overrides):
     except ValidationError as exc:
         click.echo(f"{config}: stabguard settings: {exc}", err=True)
         raise SystemExit(2) from None
+    if workers:  # started under torchrun (FORCE_TORCHRUN=1, several devices): their exit status
+        raise SystemExit(workers)
