@@ -7,8 +7,16 @@ callbacks, which cannot veto a step, and its config rejects unknown keys), so th
 config as ``llamafactory-cli train`` does (LLaMA-Factory's own ``read_args``: the YAML plus ``key=value``
 overrides), takes out its ``stabguard:`` key (the same tables as a recipe: ``guards``, ``plugins``, or
 ``recipe: guards.toml``), gives the SFT workflow's ``CustomSeq2SeqTrainer`` the guarded step and calls
-LLaMA-Factory's ``run_exp``. Several processes: ``torchrun --nproc-per-node N $(which stabguard)
-llamafactory train config.yaml`` (``llamafactory-cli``'s own relaunch would drop the patch).
+LLaMA-Factory's ``run_exp``.
+
+Several processes, as LLaMA-Factory's own launch (``deepspeed: ds_z3_config.json`` or ``ds_z2_config.json``
+in the config): ``torchrun --nproc-per-node N $(which stabguard) llamafactory train config.yaml``, or
+``FORCE_TORCHRUN=1`` (or several visible devices), where this command starts its workers under torchrun as
+``llamafactory-cli train`` does (whose own relaunch would drop the guarded step). Resume with
+LLaMA-Factory's ``resume_from_checkpoint``; an ``output_dir`` that holds checkpoints is resumed, as
+LLaMA-Factory does, but from the newest one that verifies. ``stabguard.probe=true`` probes the first step
+instead of training. FSDP2 (``fsdp``/``fsdp_config``, or ``accelerate launch`` with an FSDP2 config) is
+refused under the accelerate 1.11 LLaMA-Factory pins (:func:`stabguard.seams.fsdp2_accelerate_problem`).
 """
 
 from __future__ import annotations
