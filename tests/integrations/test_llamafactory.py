@@ -271,7 +271,7 @@ def test_fsdp2_is_refused_on_every_rank_under_llamafactory_s_accelerate(tmp_path
                  fsdp_config=fsdp)
     done = stabguard_llamafactory(tmp_path, cfg, torchrun=True, check=False,
                                   env=(f"PYTHONPATH={Path(__file__).parents[1] / 'cpu_fsdp'}",))
-    assert done.returncode != 0 and done.stdout.count(f"GuardError: {problem}") == 2, done.stdout[-3000:]
+    assert done.returncode != 0 and done.stdout.count(f"stabguard: refused: {problem}") == 2, done.stdout[-3000:]
     assert not (tmp_path / "out" / "events.jsonl").exists() or not [
         e for e in read_events(tmp_path / "out" / "events.jsonl") if e["kind"] == "log"], "no step ran"
 
