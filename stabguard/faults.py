@@ -80,6 +80,8 @@ class FaultInjector:
     def setup_model(self, model, events):
         name, param = lora_b(model)
         param.register_hook(self._corrupt)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        owner.register_forward_hook(lambda module, args, output: self._through_output(param, module, output))
         if self.options.loss_spike_at or self.options.inf_loss_at or self.options.nan_loss_at:
             model.register_forward_hook(self._spike)
         if self.options.spike_samples or self.options.poison_batch_samples:
@@ -92,6 +94,13 @@ class FaultInjector:
 
     def _here(self) -> bool:
         return not self.options.ranks or int(os.environ.get("RANK", "0")) in self.options.ranks
+
+    def _through_output(self, hooked: torch.nn.Parameter, module, output) -> None:
+        """An engine that replaces the parameters (FSDP2's ``fully_shard``) never fires the hook on the one
+        set up here: the gradient flowing back through this LoRA B's output gets the fault instead, on this
+        rank, before the engine reduces anything (its lora_A and lora_B gradients both turn non-finite)."""
+        if module.weight is not hooked and module.training and output.requires_grad:
+            output.register_hook(self._corrupt)
 
     def _corrupt(self, grad: torch.Tensor) -> torch.Tensor:
         opts = self.options
