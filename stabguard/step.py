@@ -459,7 +459,10 @@ class GuardedStep:
         """What a checkpoint keeps of the step: the counters and every plugin's state; after a STOP, the
         state of the snapshot's moment (the checkpoint holds the snapshot's weights)."""
         stopped = self.stopped
-        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+        # A resumed run takes its first snapshot at its first accepted step: a checkpoint's weights are not
+        # verified until their loss is judged. Kept to compare a resumed run with one never interrupted.
+        snapshot_step = self.snapshot.step if self.snapshot is not None else None
+        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "snapshot_step": snapshot_step,
                 "consecutive_skips": 0 if stopped else self.consecutive_skips,
                 "verified_step": stopped.verified_step if stopped else None,
                 "stop_reason": stopped.reason if stopped else None,

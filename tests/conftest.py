@@ -98,19 +98,18 @@ def qwen_processor(qwen_tokenizer):
 # ---- engines: DeepSpeed's CPU ops, built once per environment before any DeepSpeed launch --------------
 
 BUILD_DEEPSPEED_OPS = """
+import sys
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+for name in sys.argv[1:]:
     builder = get_accelerator().create_op_builder(name)
     if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         builder.load()
 """
 
 
-@pytest.fixture(scope="session")
-def deepspeed_cpu_ops(request):
-    """DeepSpeed's CPU ops (the shared-memory collective every launch loads, cpu_adam for the offload case),
-    built here once per environment, with a message, rather than inside a launch and its time limit."""
+def build_deepspeed_ops(request, *builders: str) -> None:
+    """Built here once per environment, with a message, rather than inside a launch and its time limit."""
     import importlib.util
 
     from support_launch import launch
@@ -118,7 +117,19 @@ def deepspeed_cpu_ops(request):
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed")
     with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-        print(f"\nstabguard tests: DeepSpeed's CPU ops in {os.environ['TORCH_EXTENSIONS_DIR']} (built on first "
-              "use: minutes on 2 cores, once per environment)", flush=True)
-    launch([sys.executable, "-c", BUILD_DEEPSPEED_OPS], limit_s=1800,
-           what="building DeepSpeed's CPU ops (deepspeed_shm_comm, cpu_adam)")
+        print(f"\nstabguard tests: DeepSpeed's CPU ops {', '.join(builders)} in {os.environ['TORCH_EXTENSIONS_DIR']} "
+              "(built on first use: 1-5 min on 2 cores, once per environment)", flush=True)
+    launch([sys.executable, "-c", BUILD_DEEPSPEED_OPS, *builders], limit_s=1800,
+           what=f"building DeepSpeed's CPU ops ({', '.join(builders)})")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_comm_op(request):
+    """The shared-memory collective every DeepSpeed launch on CPU loads (85 s of compiler time alone)."""
+    build_deepspeed_ops(request, "ShareMemCommBuilder")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu_ops(request, deepspeed_comm_op):
+    """The collective and cpu_adam (optimizer offload; about 2x the collective's build)."""
+    build_deepspeed_ops(request, "CPUAdamBuilder")

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from stabguard.checkpoints import GUARD_STATE_FILE
+from stabguard.data.export import image_tagged, typed_absolute
 from stabguard.events import read_events
 
 NAN_AT, STEPS = 3, 5
@@ -37,37 +38,14 @@ def rows(assets) -> list[dict]:
     return [json.loads(line) for line in Path(assets["train"]).read_text().splitlines() if line.strip()]
 
 
-def parts(content) -> list[dict]:
-    return [{"type": "text", "text": content}] if isinstance(content, str) else content
-
-
-def image_path(assets, item: dict) -> str:
-    return str((Path(assets["train"]).parent / item["image"]).resolve())
-
-
 def with_image_tags(assets, row: dict) -> dict:
-    """``{"messages": [{"role", "content": "<image>text"}], "images": [absolute paths]}``: the form of
-    ms-swift and LLaMA-Factory (sharegpt with an ``images`` column)."""
-    messages, images = [], []
-    for message in row["messages"]:
-        text = ""
-        for item in parts(message["content"]):
-            if item["type"] == "image":
-                text += "<image>"
-                images.append(image_path(assets, item))
-            else:
-                text += item["text"]
-        messages.append({"role": message["role"], "content": text})
-    return {"messages": messages, "images": images}
+    """The row as ms-swift and LLaMA-Factory read it (``stabguard data export --to ms-swift``)."""
+    return image_tagged(row, Path(assets["train"]).parent)
 
 
 def with_absolute_images(assets, row: dict) -> dict:
-    """Content as lists of typed items throughout, image paths absolute: the form of Axolotl's
-    multimodal chat_template datasets (one column type per key)."""
-    messages = [{"role": m["role"], "content": [
-        {"type": "image", "image": image_path(assets, item)} if item["type"] == "image" else item
-        for item in parts(m["content"])]} for m in row["messages"]]
-    return {"id": row.get("id"), "messages": messages}
+    """The row as Axolotl's multimodal chat_template reads it (``stabguard data export --to axolotl``)."""
+    return typed_absolute(row, Path(assets["train"]).parent)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

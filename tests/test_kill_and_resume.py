@@ -63,3 +63,27 @@ def test_sigkill_loses_no_complete_line_and_resume_restores_the_guards(tmp_path,
     assert events[len(lines)]["message"] == "run started", "the torn line stays alone; the resume starts clean"
     resumed = [e for e in events if e.get("run") == result.run_id]
     assert any(f"checkpoint-{last}" in e["message"] for e in resumed if e["kind"] == "info")
+
+
+def test_a_resumed_run_ends_where_the_run_never_interrupted_ends(tmp_path, tiny_assets):
+    """What every framework's resume test compares (support_frameworks.assert_resumed_like), on stabguard
+    run: a run that ended after checkpoint-3 and was resumed to step 6 holds, at checkpoint-6, the guard
+    counters, plugin states (the spike window), snapshot and recovery state and adapter of one that ran 6
+    steps straight. A constant LR: max_steps differs between the two halves."""
+    from support_frameworks import assert_resumed_like, guard_state
+
+    def recipe(out, steps):
+        training = {"max_steps": steps, "save_steps": 3, "lr_scheduler_type": "constant"}
+        return write_recipe(tmp_path / f"{out}.toml", tiny_recipe(
+            tiny_assets, tmp_path / out, training=training, plugins=["stabguard.faults"],
+            guards={"nonfinite": {}, "spike": {"window": 4}, "faults": {"nan_grad_at": [2, 5]}}))
+
+    assert run(recipe("straight", 6)).ok
+    assert run(recipe("halves", 3)).ok
+    resumed = run(recipe("halves", 6), resume="last")
+    assert resumed.ok and resumed.global_step == 6
+    events = [e for e in read_events(tmp_path / "halves" / "events.jsonl") if e["run"] == resumed.run_id]
+    assert_resumed_like(tmp_path / "straight" / "checkpoint-6", tmp_path / "halves" / "checkpoint-6", events)
+    state = guard_state(tmp_path / "halves" / "checkpoint-6")
+    assert state["skipped_steps"] == 2 and state["snapshot_step"] == 5, "a skip on each side of the resume"
+    assert len(state["plugins"]["guard:spike"]["losses"]) == 4, "the spike window: steps 1, 3, 4 and 6"

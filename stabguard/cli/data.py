@@ -82,3 +82,22 @@ def import_deeppcb_command(src: str, out_dir: str, val_fraction: float, seed: in
     click.echo(f"  train: {written['train']} ({written['train_rows']} rows)")
     click.echo(f"  val:   {written['val']} ({written['val_rows']} rows)")
     click.echo("  defects: " + ", ".join(f"{label} {count}" for label, count in written["defects"].items()))
+
+
+@command.command(name="export")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "to", required=True, type=click.Choice(["llamafactory", "ms-swift", "axolotl"]),
+              help="The framework whose dataset format to write.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
+@click.option("--name", default=None, help="The dataset's name (default: SRC's file name without .jsonl).")
+def export_command(src: str, to: str, out_dir: str, name: str | None) -> None:
+    """SRC (stabguard's JSONL) in the dataset format of LLaMA-Factory, ms-swift or Axolotl."""
+    from stabguard.data.export import export
+    from stabguard.data.jsonl import DataError
+
+    try:
+        written = export(src, to, out_dir, name)
+    except DataError as exc:
+        raise click.ClickException(f"{src}: {exc}") from None
+    for path in written:
+        click.echo(f"wrote {path}")

@@ -36,6 +36,8 @@ class GuardSettings(BaseModel):
     max_consecutive_skips: int = Field(default=20, ge=1)
     snapshot_every: int = Field(default=1, ge=0)
     snapshot_offload: bool = False
+    snapshot_ring: int = Field(default=2, ge=0)  # [snapshots] ring: earlier verified snapshots a rewind goes to
+    snapshot_ring_every: int = Field(default=20, ge=1)  # [snapshots] ring_every
     recovery: dict[str, Any] | None = None  # the [recovery] table; None: its defaults
     probe: bool = False  # run the first step with its update vetoed, print the probe's report, exit
 
@@ -74,6 +76,10 @@ class GuardSettings(BaseModel):
             self.snapshot_every = snapshots.get("every", self.snapshot_every)
         if "snapshot_offload" not in given:
             self.snapshot_offload = snapshots.get("offload", self.snapshot_offload)
+        if "snapshot_ring" not in given:
+            self.snapshot_ring = snapshots.get("ring", self.snapshot_ring)
+        if "snapshot_ring_every" not in given:
+            self.snapshot_ring_every = snapshots.get("ring_every", self.snapshot_ring_every)
         if "recovery" not in given and isinstance(raw.get("recovery"), dict):
             self.recovery = raw["recovery"]
 
@@ -85,7 +91,8 @@ class GuardSettings(BaseModel):
 
     def step_kwargs(self) -> dict[str, Any]:
         return {"max_consecutive_skips": self.max_consecutive_skips, "snapshot_every": self.snapshot_every,
-                "snapshot_offload": self.snapshot_offload, "recovery": self.recovery_section()}
+                "snapshot_offload": self.snapshot_offload, "snapshot_ring": self.snapshot_ring,
+                "snapshot_ring_every": self.snapshot_ring_every, "recovery": self.recovery_section()}
 
 
 def settings_from_env(environ=None) -> GuardSettings:

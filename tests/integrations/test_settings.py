@@ -15,13 +15,14 @@ from stabguard.integrations import GuardSettings, guarded_trainer, settings_from
 
 def test_a_recipe_s_guard_tables_are_used_and_explicit_keys_win(tmp_path):
     recipe = write_recipe(tmp_path / "guards.toml", {"plugins": ["stabguard.faults"], "max_consecutive_skips": 7,
-                                                     "snapshots": {"every": 3}, "recovery": {"budget": 1},
+                                                     "snapshots": {"every": 3, "ring": 4}, "recovery": {"budget": 1},
                                                      "guards": {"nonfinite": {"max_consecutive": 2}, "faults": {}}})
     settings = GuardSettings(recipe=recipe, snapshot_every=0)
     assert settings.plugins == ["stabguard.faults"] and settings.guards["nonfinite"] == {"max_consecutive": 2}
     kwargs = settings.step_kwargs()
     assert kwargs.pop("recovery").budget == 1, "the recipe's [recovery] table"
-    assert kwargs == {"max_consecutive_skips": 7, "snapshot_every": 0, "snapshot_offload": False}
+    assert kwargs == {"max_consecutive_skips": 7, "snapshot_every": 0, "snapshot_offload": False, "snapshot_ring": 4,
+                      "snapshot_ring_every": 20}
     plugins = settings.make_plugins()
     assert plugins.guards["nonfinite"].instance.options.max_consecutive == 2 and plugins.guards["faults"].instance
     assert plugins.guards["mask"].instance is None, "named guards only, as in a recipe's tables"
