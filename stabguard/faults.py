@@ -75,13 +75,14 @@ class FaultInjector:
         self.collated = 0  # micro-batches collated so far
         self.spiking: set[int] = set()  # fingerprints of spike_samples' rows (their tokens), as collated
         self.poisoning: set[int] = set()  # and of poison_batch_samples' rows
+        self._param: torch.nn.Parameter | None = None  # the LoRA B weight whose gradient gets the faults
 
     @hookimpl
     def setup_model(self, model, events):
         name, param = lora_b(model)
         param.register_hook(self._corrupt)
-        owner = model.get_submodule(name.rpartition(".")[0])
-        owner.register_forward_hook(lambda module, args, output: self._through_output(param, module, output))
+        self._param = param
+        model.get_submodule(name.rsplit(".", 1)[0]).register_forward_hook(self._through_output)
         if self.options.loss_spike_at or self.options.inf_loss_at or self.options.nan_loss_at:
             model.register_forward_hook(self._spike)
         if self.options.spike_samples or self.options.poison_batch_samples:
@@ -95,11 +96,10 @@ class FaultInjector:
     def _here(self) -> bool:
         return not self.options.ranks or int(os.environ.get("RANK", "0")) in self.options.ranks
 
-    def _through_output(self, hooked: torch.nn.Parameter, module, output) -> None:
-        """An engine that replaces the parameters (FSDP2's ``fully_shard``) never fires the hook on the one
-        set up here: the gradient flowing back through this LoRA B's output gets the fault instead, on this
-        rank, before the engine reduces anything (its lora_A and lora_B gradients both turn non-finite)."""
-        if module.weight is not hooked and module.training and output.requires_grad:
+    def _through_output(self, module, args, output):
+        """FSDP2 replaces the parameters with sharded ones, and a hook on the old one never fires: then the
+        gradient is corrupted where it enters the LoRA B module's output (its weight's gradient follows)."""
+        if module.training and output.requires_grad and all(p is not self._param for p in module.parameters()):
             output.register_hook(self._corrupt)
 
     def _corrupt(self, grad: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,31 @@ def zero_stage(optimizer) -> int | None:
     return None
 
 
+def link_round_robin(optimizer) -> None:
+    """With ``round_robin_gradients`` (LLaMA-Factory's ds_z2_config.json), ZeRO-1/2 lays the parameters out
+    in its flat partitions in another order than the model's, but DeepSpeed (0.19) maps each parameter to
+    its place in the model's order unless the layout has padding: ``safe_get_full_grad`` then reads
+    another tensor's fragment ("The size of tensor a (512) must match the size of tensor b (256)"). Link
+    them at their real offsets, as DeepSpeed's own padded branch of ``_link_all_hp_params`` does."""
+    from deepspeed.utils.mixed_precision_linkage import link_hp_params
+
+    if not getattr(optimizer, "round_robin_gradients", False):
+        return
+    for i, group in enumerate(optimizer.bit16_groups):
+        if any(optimizer.round_robin_bit16_padding[i]):
+            continue  # DeepSpeed linked this group at the real offsets itself
+        dp_group = optimizer.real_dp_process_group[i]
+        partition_size = optimizer.bit16_groups_flat[i].numel() // torch.distributed.get_world_size(dp_group)
+        offsets = dict(zip(map(id, optimizer.round_robin_bit16_groups[i]), optimizer.round_robin_bit16_offsets[i]))
+        link_hp_params(lp_param_list=group, flat_hp_partition=optimizer.single_partition_of_fp32_groups[i],
+                       gradient_dict=optimizer.averaged_gradients,
+                       offload_gradient_dict=optimizer.offload_gradient_dict,
+                       use_offload=optimizer.cpu_offload, param_group_index=i,
+                       partition_start=torch.distributed.get_rank(group=dp_group) * partition_size,
+                       partition_size=partition_size, dp_group=dp_group,
+                       param_offsets=[offsets[id(p)] for p in group])
+
+
 class ZeroEngine:
     """What the guarded step does on a DeepSpeed ZeRO optimizer; one per training run."""
 
@@ -60,6 +85,8 @@ class ZeroEngine:
         if self.stage is None:
             raise GuardError(f"training.deepspeed: stabguard guards ZeRO stages 1-3; this engine's optimizer is "
                              f"{type(optimizer).__name__} (ZeRO stage 0): use DDP, or zero_optimization.stage >= 1")
+        if self.stage < 3:
+            link_round_robin(optimizer)
         self.norm: torch.Tensor | None = None  # this step's scaled norm, as the engine's step will read it
         self.vetoed = False
         self.max_norm: float | None = None

@@ -11,6 +11,17 @@ they come from the environment (see :func:`stabguard.integrations.settings_from_
 ms-swift passes the tokenizer as ``processing_class``; the guards read labels with its template's
 processor. Its own NaN fix (``_fix_grad_norm_nan``, which drops NaN gradients but still steps the LR
 scheduler) is not reached: the guarded step measures and clips the gradients itself.
+
+Several GPUs are ms-swift's own launch, unchanged (tested on 2 CPU ranks: ``NPROC_PER_NODE=2`` makes
+``swift sft`` start torchrun; every rank loads this plugin; one events.jsonl in the run's folder)::
+
+    NPROC_PER_NODE=2 swift sft ... --deepspeed zero3 --external_plugins "$(python -m stabguard.integrations.ms_swift)"
+    # or --deepspeed zero2, or --fsdp fsdp2 (its preset saves sharded: the adapter is in pytorch_model_fsdp_0)
+    NPROC_PER_NODE=2 swift sft ... --resume_from_checkpoint output/v0-<time>/checkpoint-N  # the guard state too
+    STABGUARD_PROBE=1 swift sft ...  # the first step with its update vetoed, the probe's report, exit 0 or 1
+
+A resumed run writes into a new versioned folder (v1-<time>); the checkpoint is verified against its
+manifest first. ``--resume_only_model true`` restores the step and the guard state, not the optimizer.
 """
 
 from __future__ import annotations
