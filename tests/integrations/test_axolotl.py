@@ -300,3 +300,14 @@ def test_a_killed_zero3_run_resumed_by_axolotl_ends_as_the_uninterrupted_one(tmp
 def test_the_names_the_integration_relies_on_are_there(owner, name, why):
     version = importlib.import_module("axolotl").__version__
     assert seam_present(owner, name), f"{owner}.{name} is gone from axolotl {version} (used for: {why})"
+
+
+def test_the_shipped_zero3_config_uses_only_axolotl_s_own_keys():
+    """recipes/frameworks/axolotl_pcb_qwen3vl_zero3.yml: every key but ``stabguard`` (the plugin's) is one of
+    Axolotl's config fields, and its ``stabguard:`` block validates with the plugin's own model."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "recipes" / "frameworks" /
+                             "axolotl_pcb_qwen3vl_zero3.yml").read_text())
+    known = set(AxolotlInputConfig.model_fields) | {f.alias for f in AxolotlInputConfig.model_fields.values() if f.alias}
+    assert not set(config) - known - {"stabguard"}, f"not Axolotl's: {sorted(set(config) - known - {'stabguard'})}"

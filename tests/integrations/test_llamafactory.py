@@ -290,3 +290,18 @@ def test_the_probe_finds_nan_pixels_in_llamafactory_s_first_step_and_trains_noth
     assert "ERROR  probe: gradients: 8 trainable tensors got NaN/Inf gradients" in report, report
     assert "ERROR  probe: activations: the first non-finite output is visual.patch_embed.proj's" in report, report
     assert not (tmp_path / "out").exists(), "the probe trains and saves nothing in the run's output_dir"
+
+
+def test_the_shipped_zero3_config_uses_only_llamafactory_s_own_keys():
+    """recipes/frameworks/llamafactory_pcb_qwen3vl_zero3.yaml: every key but ``stabguard`` is one of
+    LLaMA-Factory's arguments (its parser refuses others: "Some keys are not used by the HfArgumentParser")."""
+    import dataclasses
+
+    from llamafactory import hparams
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "recipes" / "frameworks" /
+                             "llamafactory_pcb_qwen3vl_zero3.yaml").read_text())
+    known = {f.name for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.TrainingArguments,
+                                hparams.FinetuningArguments, hparams.GeneratingArguments)
+             for f in dataclasses.fields(cls)}
+    assert not set(config) - known - {"stabguard"}, f"not LLaMA-Factory's: {sorted(set(config) - known - {'stabguard'})}"

@@ -246,3 +246,17 @@ def test_the_probe_runs_through_swift_sft_reports_and_trains_nothing(tmp_path, t
 def test_the_names_the_integration_relies_on_are_there(owner, name, why):
     version = importlib.import_module("swift").__version__
     assert seam_present(owner, name), f"{owner}.{name} is gone from swift {version} (used for: {why})"
+
+
+def test_the_shipped_zero3_command_uses_only_swift_sft_s_own_flags():
+    """recipes/frameworks/ms_swift_pcb_qwen3vl_zero3.sh: every flag is one of ``swift sft``'s arguments."""
+    import dataclasses
+    import re
+
+    from swift.arguments import SftArguments
+
+    script = (Path(__file__).parents[2] / "recipes" / "frameworks" / "ms_swift_pcb_qwen3vl_zero3.sh").read_text()
+    command = script[script.index("swift sft"):]
+    flags = set(re.findall(r"--(\w+)", command))
+    known = {f.name for f in dataclasses.fields(SftArguments)}
+    assert flags and not flags - known, f"not swift sft's: {sorted(flags - known)}"
