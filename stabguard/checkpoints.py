@@ -255,31 +255,40 @@ def expired(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
 
 # -- resuming ----------------------------------------------------------------------------------------
 
-def choose_resume(output_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
+def choose_resume(output_dir: Path, resume: str, option: str = "--resume") -> tuple[Path | None, list[str]]:
     """The checkpoint ``--resume`` names, verified, and what to say about it (passed-over ones, warnings).
 
     ``"last"``/``"auto"``: the newest that verifies (``"auto"``: None when there is none); a folder: that one,
-    or :class:`ResumeError` naming what is wrong and the newest good one."""
+    or :class:`ResumeError` naming what is wrong and the newest good one. ``option``: how the user asked
+    (``--resume``, or a framework's ``resume_from_checkpoint``), as the messages name it."""
     if resume in ("last", "auto"):
-        return _newest(Path(output_dir), resume)
+        return _newest(Path(output_dir), resume, option)
     found = verify(resume)
     if found.usable or found.status == "trainer-only":
         return found.folder, [f"{found.describe()}; resuming anyway"] if found.status != "verified" else []
     if not found.folder.is_dir():
         found.problems = ["no such checkpoint folder"]
     good, _ = newest_usable(found.folder.parent)
-    instead = f"the newest good one is {good.folder} (--resume {good.folder}, or --resume last)" if good else (
+    last = "--resume last" if option == "--resume" else f"{option}=true"
+    instead = f"the newest good one is {good.folder} ({option} {good.folder}, or {last})" if good else (
         f"no checkpoint in {found.folder.parent} verifies")
-    raise ResumeError(f"--resume {resume}: {found.describe()}; {instead}")
+    raise ResumeError(f"{_asked(option, resume)}: {found.describe()}; {instead}")
 
 
-def _newest(output_dir: Path, resume: str) -> tuple[Path | None, list[str]]:
+def _asked(option: str, resume: str) -> str:
+    """``--resume last`` for stabguard run; ``resume_from_checkpoint=true`` for a framework's option."""
+    if option == "--resume":
+        return f"{option} {resume}"
+    return f"{option}={'true' if resume == 'last' else resume}"
+
+
+def _newest(output_dir: Path, resume: str, option: str = "--resume") -> tuple[Path | None, list[str]]:
     found, passed = newest_usable(output_dir)
     notes = [f"{v.describe()}; skipped" for v in passed]
     if found is None and resume == "auto":
         return None, notes + [f"--resume auto: no complete checkpoint in {output_dir} yet; starting fresh"]
     if found is None:
-        raise CheckpointError(f"--resume last: no complete checkpoint in {output_dir} (one whose "
+        raise CheckpointError(f"{_asked(option, resume)}: no complete checkpoint in {output_dir} (one whose "
                               f"{MANIFEST_FILE} verifies){': ' + '; '.join(v.describe() for v in passed) if passed else ''}")
     if found.status == "legacy":
         notes.append(f"{found.describe()}; resuming anyway")

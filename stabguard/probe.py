@@ -308,6 +308,14 @@ class _Found:
                               "guard": guard, "values": dict(values or {})})
 
 
+def _pixel_span(pixels: list[tuple[float, float]]) -> tuple[float, float]:
+    """The lowest and highest pixel values over every batch; NaN wins (``min`` would keep it or not by order)."""
+    lows, highs = [p[0] for p in pixels], [p[1] for p in pixels]
+    if any(math.isnan(v) for v in lows + highs):
+        return math.nan, math.nan
+    return min(lows), max(highs)
+
+
 def _bare(name: str) -> str:
     return re.sub(r"^(module\.|_orig_mod\.)+", "", name)
 
@@ -352,7 +360,7 @@ def merge(everyone: list[dict], tensors: dict[str, float], zero_b: set[str]) -> 
     return {
         "gradients": Gradients(missing, zero, nonfinite, len(trainable), frozen),
         "peaks": list(peaks.items()),
-        "pixels": (min(p[0] for p in pixels), max(p[1] for p in pixels)) if pixels else None,
+        "pixels": _pixel_span(pixels) if pixels else None,
         "loss": sum(r["loss"] for r in everyone) / len(everyone),
         "reference": sum(r["loss_sum"] for r in everyone) / max(sum(r["tokens"] for r in everyone), 1),
         "tokens": sum(r["tokens"] for r in everyone),
@@ -470,8 +478,8 @@ def report_activations(peaks: list[tuple[str, float]], precision: str, report) -
         return
     bad = next(((m, v) for m, v in peaks if not math.isfinite(v)), None)
     if bad:
-        report.add(check, "error", f"the first non-finite output is {bad[0]}'s (with finite inputs)", values={
-            "module": bad[0]})
+        report.add(check, "error", f"the first non-finite output is {bad[0]}'s: every module that ran before it "
+                   "gave finite outputs (its own inputs may not be: see probe: pixels)", values={"module": bad[0]})
         return
     over = next(((m, v) for m, v in peaks if v > FP16_MAX), None)
     top, largest = max(peaks, key=lambda x: x[1])
@@ -527,10 +535,19 @@ def check_accumulation(seen: dict, scaled: bool, report) -> None:
 def check_pixels(processor, seen: tuple[float, float] | None, report) -> None:
     check = "probe: pixels"
     image_processor = getattr(processor, "image_processor", None)
-    if seen is None or image_processor is None:
+    if seen is None:
         report.add(check, "info", "no image in the probed batches")
         return
     low, high = seen
+    if not (math.isfinite(low) and math.isfinite(high)):
+        report.add(check, "error", f"pixel values are non-finite (min {low}, max {high}): a corrupt image or a "
+                   "broken preprocessing step; every output after the vision tower's first layer follows",
+                   values={"min": low, "max": high})
+        return
+    if image_processor is None:
+        report.add(check, "info", f"pixel values span {low:.4g} to {high:.4g}; not compared with the expected range "
+                   "(the guards were given no image processor)", values={"min": low, "max": high})
+        return
     lo, hi = expected_pixel_range(image_processor)
     values = {"min": low, "max": high, "expected": [lo, hi]}
     span = f"pixel values span {low:.4g} to {high:.4g}; normalising [0, 1] pixels gives {lo:.3g} to {hi:.3g}"

@@ -271,7 +271,8 @@ class GuardedTrainer:
         framework's ``resume_from_checkpoint``, ``stabguard run --resume``): True is the newest that verifies
         (the Trainer's own pick is the highest number, complete or not); a folder must verify, else
         :class:`~stabguard.checkpoints.ResumeError` names what is wrong and the newest good one."""
-        chosen, notes = choose_resume(seams.output_dir(self), "last" if resume is True else str(resume))
+        chosen, notes = choose_resume(seams.output_dir(self), "last" if resume is True else str(resume),
+                                      option="resume_from_checkpoint")
         for note in notes:
             self.events.record("core", "info", f"resume: {note}", console=True)
             if self.events.echo is None and self.is_world_process_zero():  # a framework's run: no console echo

@@ -6,7 +6,7 @@ ENGINE is the Trainer's own engine, for real: "ddp" (N=1: a single device), "fsd
 ``fully_shard``, with only its accelerator-only gate lifted: ``lift_cpu_gate``), or "zero1" / "zero2" /
 "zero3" (DeepSpeed's engine and ZeRO optimizer on its CPU accelerator). Options follow with dashes:
 "-bf16" bf16 weights (fp32 masters), "-ga2" two micro-batches per optimizer step, "-offload" DeepSpeed's
-optimizer in CPU memory, "-textimage" data.text_only_image.
+optimizer in CPU memory, "-roundrobin" ZeRO-1/2's round_robin_gradients, "-textimage" data.text_only_image.
 
 SCENARIO "faults": the faults hit the last rank only, each of a kind that leaves the ranks' views apart:
 - step 2: a NaN in the backward pass at one LoRA B output (the engine's reduction then spreads it);
@@ -71,6 +71,8 @@ def training_for(engine_name: str) -> dict:
         config = {"zero_optimization": {"stage": int(kind[-1])}}
         if "offload" in options:
             config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if "roundrobin" in options:  # LLaMA-Factory's ds_z2_config.json: DeepSpeed 0.19 mislinks the fragments
+            config["zero_optimization"]["round_robin_gradients"] = True
         training["deepspeed"] = config  # stabguard fills in "auto" for what DeepSpeed requires
     if "bf16" in options:
         training["bf16"] = True

@@ -99,7 +99,9 @@ def test_a_framework_s_resume_is_verified_too(run_copy, capsys):
     out, recipe = run_copy
     cut_in_half(out / "checkpoint-6" / "optimizer.pt")
     trainer = framework_trainer(recipe, out)
-    with pytest.raises(ResumeError, match="checkpoint-6: optimizer.pt is .*the newest good one is .*checkpoint-4"):
+    with pytest.raises(ResumeError, match="^resume_from_checkpoint=.*checkpoint-6: checkpoint-6: optimizer.pt is .*"
+                       r"the newest good one is .*checkpoint-4 \(resume_from_checkpoint .*checkpoint-4, or "
+                       r"resume_from_checkpoint=true\)"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-6"))
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 8

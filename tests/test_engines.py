@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.engines, pytest.mark.skipif(
 
 ZERO = {"zero1": "DeepSpeedZeroOptimizer", "zero2": "DeepSpeedZeroOptimizer", "zero3": "DeepSpeedZeroOptimizer_Stage3"}
 ENGINES = [("ddp", 1), ("ddp", 2), ("fsdp2", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2), ("zero2-bf16", 2),
-           ("zero3-bf16", 2), ("zero3-bf16-ga2", 2), ("zero2-bf16-offload", 2)]
+           ("zero3-bf16", 2), ("zero3-bf16-ga2", 2), ("zero2-bf16-offload", 2), ("zero2-roundrobin", 2)]
 
 
 @pytest.mark.parametrize("engine, ranks", ENGINES, ids=["single" if n == 1 else e for e, n in ENGINES])

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from support import tiny_recipe, write_recipe
 
 from stabguard.events import read_events
@@ -47,3 +49,37 @@ def test_an_inf_loss_with_finite_gradients_is_skipped_and_a_fault_for_another_ra
                          guards=guards)
     result = run(write_recipe(tmp_path / "r.toml", recipe), plugins=Plugins.for_recipe(["stabguard.faults"]))
     assert result.ok and result.skipped_steps == 0, "faults for rank 1 do not act on rank 0"
+
+
+class TwoLoras(torch.nn.Module):
+    """The names of a LoRA pair as peft gives them, with nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(4, 2, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 4, bias=False)})
+
+    def forward(self, x):
+        return self.lora_B["default"](self.lora_A["default"](x)).sum()
+
+
+class Events:
+    def record(self, *args, **kwargs):
+        pass
+
+
+def test_a_nan_gradient_reaches_a_parameter_the_engine_replaced():
+    """FSDP2's fully_shard replaces the parameters after the guards' setup, so a hook on the one set up never
+    fires: the NaN enters through the LoRA B output instead (both of its pair's gradients turn NaN). Where the
+    parameter stays, its own gradient alone gets the NaN."""
+    from stabguard.faults import FaultInjector, Options
+
+    for replaced in (False, True):
+        model = TwoLoras()
+        FaultInjector(Options(nan_grad_at=[1])).setup_model(model, Events())
+        if replaced:  # what fully_shard does to every parameter
+            model.lora_B["default"].weight = torch.nn.Parameter(model.lora_B["default"].weight.detach().clone())
+        model(torch.ones(1, 4)).backward()
+        b, a = model.lora_B["default"].weight.grad, model.lora_A["default"].weight.grad
+        assert torch.isnan(b).any(), f"replaced={replaced}: lora_B's gradient {b}"
+        assert torch.isnan(a).any() == replaced, f"replaced={replaced}: lora_A's gradient {a}"

@@ -177,3 +177,23 @@ def test_the_ranks_records_merge_into_one_report():
         "a norm for it (ZeRO's zero partition) but no gradient arrived on any rank"
     assert merge([rank_record(unreached=["m.layers.0.q.lora_B.w"]), rank_record()], tensors,
                  zero_b=set())["gradients"].missing == [], "one rank's gradient is the step's"
+
+
+def test_nan_pixels_are_named_as_such_not_as_no_image():
+    """A corrupt image's NaN pixels were reported as "no image in the probed batches" (NaN min/max, and no
+    image processor known inside a framework): now an error naming the non-finite values, whatever order
+    the batches came in."""
+    import math
+
+    from stabguard.findings import Report
+    from stabguard.probe import _pixel_span, check_pixels
+
+    for batches in ([(-1.0, 1.0), (math.nan, math.nan)], [(math.nan, math.nan), (-1.0, 1.0)]):
+        report = Report("r")
+        check_pixels(None, _pixel_span(batches), report)
+        (finding,) = report.findings
+        assert finding.level == "error" and finding.message.startswith("pixel values are non-finite"), finding
+    report = Report("r")
+    check_pixels(None, _pixel_span([(-1.0, 1.0)]), report)
+    assert report.findings[0].level == "info" and "(the guards were given no image processor)" in \
+        report.findings[0].message

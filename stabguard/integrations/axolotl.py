@@ -10,6 +10,18 @@ In the config (tested with axolotl 0.19.0)::
         mask: {policy: warn}
       # recipe: guards.toml         # or a stabguard recipe whose plugins and [guards.*] tables to use
 
+Several GPUs, as Axolotl launches them (tested on 2 CPU ranks, gloo: tests/integrations/test_axolotl.py)::
+
+    axolotl train config.yml --launcher torchrun -- --nproc_per_node 8   # or Axolotl's default, accelerate
+    # with, in config.yml, one of:
+    deepspeed: deepspeed_configs/zero3.json   # or zero2.json, zero3_bf16.json (`axolotl fetch deepspeed_configs`)
+    fsdp_version: 2                           # with fsdp_config: {...}
+
+Resuming: ``resume_from_checkpoint: <output_dir>/checkpoint-N`` is verified against its manifest (a damaged
+one is refused, naming the newest good one); with ``auto_resume_from_checkpoints: true`` the newest checkpoint
+that verifies is taken (Axolotl's own pick, the highest number, may be one a kill left half-written).
+``stabguard: {probe: true}`` runs the probe (:mod:`stabguard.integrations.probe`) instead of training.
+
 Axolotl validates the ``stabguard:`` key with :class:`StabguardArgs` (an unknown guard or option fails
 the config before any model is loaded). ``get_trainer_cls`` returns the class Axolotl would have built
 (``AxolotlTrainer``, or another plugin's or ``trainer_cls:``) with the guarded step; the first plugin that
@@ -49,7 +61,10 @@ class StabguardPlugin(BasePlugin):
             raise ValueError("stabguard: Axolotl's RL trainers (rl: ...) are not guarded yet; remove the plugin "
                              "from `plugins:` for this run")
         settings = GuardSettings.model_validate(dict(cfg.stabguard or {}))
-        return guarded_trainer(self._base_class(cfg), settings, processor=_collator_processor)
+        trainer_cls = guarded_trainer(self._base_class(cfg), settings, processor=_collator_processor)
+        if cfg.auto_resume_from_checkpoints and not cfg.resume_from_checkpoint:
+            return _resumes_from_newest_verified(trainer_cls)
+        return trainer_cls
 
     def post_trainer_create(self, cfg, trainer):
         from stabguard.trainer import GuardedTrainer
@@ -75,3 +90,15 @@ def _collator_processor(trainer):
     """The processor of Axolotl's multimodal collator (its processing strategy holds it), if any."""
     collator = getattr(trainer.data_collator, "collator", trainer.data_collator)
     return getattr(getattr(collator, "processing_strategy", None), "processor", None)
+
+
+def _resumes_from_newest_verified(trainer_cls: type) -> type:
+    """``auto_resume_from_checkpoints``: Axolotl passes its highest-numbered ``checkpoint-N``, complete or not
+    (a run killed while saving leaves one without its manifest), which the guarded trainer would refuse; it
+    gets ``True`` instead: the newest checkpoint that verifies, as ``stabguard run --resume last`` takes."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        return trainer_cls.train(self, True if resume_from_checkpoint else None, *args, **kwargs)
+
+    return type(trainer_cls.__name__, (trainer_cls,), {"train": train, "__module__": trainer_cls.__module__,
+                                                       "__doc__": trainer_cls.__doc__})
