@@ -207,7 +207,7 @@ def zero_files(checkpoint: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def zero3_run(tmp_path_factory, tiny_qwen_assets, deepspeed_cpu_ops) -> Path:
+def zero3_run(tmp_path_factory, tiny_qwen_assets, deepspeed_comm_op) -> Path:
     """One uninterrupted ZeRO-3 run (checkpoints at 2, 4, 6): checked on its own, and the run a killed and
     resumed one must end like."""
     tmp = tmp_path_factory.mktemp("llamafactory-zero3")
@@ -226,7 +226,7 @@ def test_zero3_under_torchrun_skips_rank_1_s_faults_on_both_ranks(zero3_run, tin
 
 
 def test_zero2_started_by_force_torchrun_skips_rank_1_s_faults_on_both_ranks(tmp_path, tiny_qwen_assets,
-                                                                             deepspeed_cpu_ops):
+                                                                             deepspeed_comm_op):
     """``FORCE_TORCHRUN=1 stabguard llamafactory train`` starts its workers as ``llamafactory-cli`` does
     (which would drop the guarded step); LLaMA-Factory's ds_z2_config.json has ``round_robin_gradients``,
     under which DeepSpeed 0.19 cannot gather one tensor's gradient unless stabguard links the partitions."""
