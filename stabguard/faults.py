@@ -156,11 +156,11 @@ class FaultInjector:
         if self.collated in self.options.nan_pixels_at and "pixel_values" in batch:
             batch["pixel_values"].fill_(float("nan"))
             events.record(NAME, "info", f"fault: NaN pixels in micro-batch {self.collated}",
-                          fault="nan_pixels", samples=[s["id"] for s in samples])
+                          fault="nan_pixels", samples=[s.get("id") for s in samples])
         if self.collated in self.options.masked_batch_at:
             batch["labels"].fill_(IGNORE_INDEX)
             events.record(NAME, "info", f"fault: every label masked in micro-batch {self.collated}",
-                          fault="masked_batch", samples=[s["id"] for s in samples])
+                          fault="masked_batch", samples=[s.get("id") for s in samples])
 
     @hookimpl
     def on_step_end(self, state, events):

@@ -112,3 +112,6 @@ def test_probe_mode_runs_the_framework_s_first_step_vetoed_reports_and_exits(tmp
     assert "stabguard-probe-" in scratch and not list((tmp_path / "out").glob("checkpoint-*"))
     code, said, _ = probed({"nonfinite": {}})
     assert code == 0 and "ok  probe: gradients: all " in said and "0 error(s)" in said, said
+    # NaN pixels in a framework's batch (its samples carry no ids): named as such, not "no image"
+    code, said, _ = probed({"nonfinite": {}, "faults": {"nan_pixels_at": [1]}})
+    assert code == 1 and "ERROR  probe: pixels: pixel values are non-finite" in said, said
