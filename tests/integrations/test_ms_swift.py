@@ -134,7 +134,7 @@ def test_a_guard_stop_makes_swift_sft_exit_3_and_resume_from_checkpoint_brings_t
 
 
 @pytest.fixture(scope="session")
-def zero3_run(tmp_path_factory, tiny_qwen_assets, deepspeed_cpu_ops) -> Path:
+def zero3_run(tmp_path_factory, tiny_qwen_assets, deepspeed_comm_op) -> Path:
     """``NPROC_PER_NODE=2 swift sft ... --deepspeed zero3``, rank 1 faulty, a checkpoint every 2 steps: the
     ZeRO-3 test's run, and the uninterrupted run a resumed one is compared with."""
     return two_ranks(tmp_path_factory.mktemp("zero3"), tiny_qwen_assets, "zero3", save_steps=2)
@@ -154,7 +154,7 @@ def test_zero3_on_two_ranks_skips_rank_1_s_faults_and_saves_a_loadable_adapter(z
 
 
 def test_zero2_on_two_ranks_skips_rank_1_s_faults_and_saves_a_loadable_adapter(tmp_path, tiny_qwen_assets,
-                                                                             deepspeed_cpu_ops):
+                                                                             deepspeed_comm_op):
     out = two_ranks(tmp_path, tiny_qwen_assets, "zero2")
     checkpoint = out / f"checkpoint-{RANK_STEPS}"
     assert_rank1_faults_skipped(out, checkpoint / "adapter_model.safetensors")
